@@ -1,0 +1,160 @@
+"""The `jaxspec` command.
+
+  jaxspec generate [--model NAME|DIR] [--prompt TEXT ... | --prompts-file JSONL] [--no-chat]
+                   [--method ar] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
+                   [--batch-size B] [--seed S] [--dtype float32|bfloat16] [--json]
+  jaxspec convert (--hf DIR | --gguf FILE) --out DIR [--dtype ...]
+
+User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from jaxspec.errors import InputError, JaxspecError
+
+METHODS = ("ar",)
+
+
+def _add_common(p: argparse.ArgumentParser, default=False):
+    # accepted before or after the subcommand; SUPPRESS keeps a subparser from resetting it
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from jaxspec.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="jaxspec", description=__doc__.split("\n")[0])
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text (speculative-decoding-ready)")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
+    src.add_argument("--prompts-file", type=Path, help="JSONL: 'prompt' or 'turns' per line")
+    g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    g.add_argument("--method", default="ar", choices=METHODS)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    g.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_common(g, argparse.SUPPRESS)
+
+    c = sub.add_parser("convert", help="convert a checkpoint")
+    srcs = c.add_mutually_exclusive_group(required=True)
+    srcs.add_argument("--hf", type=Path, help="HF checkpoint dir → jaxspec (orbax) checkpoint")
+    srcs.add_argument("--gguf", type=Path, help="GGUF file → HF checkpoint dir (no torch)")
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_common(c, argparse.SUPPRESS)
+    return parser
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(
+            f"{path}: cannot read prompts file ({e.__class__.__name__}: {e})"
+        ) from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
+            prompts.append(rec["prompt"])
+        elif isinstance(rec, dict) and rec.get("turns") and isinstance(rec["turns"][0], str):
+            prompts.append(rec["turns"][0])
+        else:
+            raise InputError(f"{path}:{n}: expected an object with 'prompt' or 'turns'")
+    if not prompts:
+        raise InputError(f"{path}: no prompts")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from jaxspec.models import load_model
+    from jaxspec.runner import GenerateOptions, Runner
+
+    texts = args.prompt or (read_prompts_file(args.prompts_file) if args.prompts_file else None)
+    if not texts:
+        raise InputError("give --prompt TEXT or --prompts-file FILE")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise InputError(f"prompt {i} is empty")
+    opts = GenerateOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    opts.validate()  # before the (slow) model load
+    model = load_model(args.model, args.dtype, progress=not args.json)
+    if model.tokenizer is None:
+        raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
+    ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t in texts]
+    outs, metrics = Runner(model.params, model.cfg).run(ids, opts)
+    results = [
+        {"prompt": t, "token_ids": o, "text": model.tokenizer.decode(o)}
+        for t, o in zip(texts, outs, strict=True)
+    ]
+    if args.json:
+        out = {"model": model.name, "method": args.method, "results": results,
+               "metrics": metrics.to_dict()}  # fmt: skip
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        for r in results:
+            print(r["text"])
+            print()
+        print(
+            f"[{metrics.new_tokens} tokens, {metrics.tokens_per_s:.1f} tok/s decode, "
+            f"ttft {metrics.ttft_s:.3f}s, compile {metrics.compile_s:.1f}s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from jaxspec.convert.checkpoint import save_params
+    from jaxspec.convert.hf import load_hf
+    from jaxspec.models import DTYPES
+
+    if args.gguf is not None:
+        from jaxspec.convert.gguf import gguf_to_hf
+
+        out = gguf_to_hf(args.gguf, args.out, dtype=args.dtype)
+    else:
+        cfg, params = load_hf(args.hf, DTYPES[args.dtype])
+        out = save_params(args.out, cfg, params)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+    except JaxspecError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""KV cache pytree with per-row committed lengths.
+
+`k, v: [L, B, S, K, E]` (layers, rows, slots, KV heads, head dim) and `lengths: int32[B]`.
+Slots `[0, lengths[b])` hold row b's committed tokens, whose position equals their slot index.
+Slots at and past `lengths[b]` are scratch: a forward writes its T in-flight tokens at
+`[lengths[b], lengths[b] + T)` (writes past S are dropped) without advancing `lengths`; the caller
+commits by advancing `lengths` (AR, prefill) or by gathering the accepted path first (trees).
+Scratch slots are always masked, so garbage there never leaks.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec.config import ModelConfig
+from jaxspec.types import Array, Float, Int
+
+LOGICAL_AXES = ("layers", "batch", "kv_seq", "kv_heads", None)
+
+
+@struct.dataclass
+class KVCache:
+    k: Float[Array, "L B S K E"]
+    v: Float[Array, "L B S K E"]
+    lengths: Int[Array, " B"]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        lengths=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, slots: int, itemsize: int) -> int:
+    """Bytes the K and V arrays of `init_cache` occupy (for clear out-of-memory errors)."""
+    return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def advance(cache: KVCache, n: Int[Array, " B"]) -> KVCache:
+    """Commit the first n[b] in-flight tokens of each row (they were written at lengths[b]...)."""
+    return cache.replace(lengths=cache.lengths + n.astype(jnp.int32))

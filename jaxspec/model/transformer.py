@@ -1,0 +1,94 @@
+"""The Llama-family forward pass: pure functions over `Params`, layers walked with `lax.scan`.
+
+`forward(params, cfg, tokens, positions, cache, inflight)`:
+  tokens    int32[B, T]   in-flight tokens (a prefill chunk, 1 token for AR, root + N tree nodes)
+  positions int32[B, T]   explicit positions (lengths + t for a chain, lengths + depth for a tree)
+  cache     KVCache       committed prefix per row (`lengths[b]` slots); the T new K/V rows are
+                          written at slots lengths[b] + t, and `lengths` is NOT advanced
+  inflight  bool[#B, T, T] which in-flight tokens each in-flight token sees (None = causal)
+returns float32 logits [B, T, V] and the cache with the new K/V written.
+
+The cache arrays ride in the scan carry and are updated with scatters of the T new rows only, so
+XLA updates them in place (no per-layer copy of the whole cache).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.config import ModelConfig
+from jaxspec.kv_cache import KVCache
+from jaxspec.model.attention import attend, build_mask
+from jaxspec.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from jaxspec.model.params import Params
+from jaxspec.types import Array, Bool, Float, Int
+
+
+def causal_mask(T: int) -> Bool[Array, "1 T T"]:
+    return jnp.tril(jnp.ones((T, T), bool))[None]
+
+
+def forward_hidden(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+    cache: KVCache,
+    inflight: Bool[Array, "#B T T"] | None = None,
+) -> tuple[Float[Array, "B T M"], KVCache]:
+    """Final-normed hidden states of the in-flight tokens, and the cache with their K/V written."""
+    B, T = tokens.shape
+    if inflight is None:
+        inflight = causal_mask(T)
+    lengths = cache.lengths
+    mask = build_mask(lengths, positions, inflight, cache.num_slots, cfg.sliding_window)
+    inv_freq = rope_inv_freq(cfg)
+    rows = jnp.arange(B)[:, None]
+    slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    h = params.embed[tokens]
+
+    def layer(carry, xs):
+        h, k_all, v_all = carry
+        lp, i = xs
+        x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
+        q = jnp.einsum("btm,mhe->bthe", x, lp.wq)
+        k = jnp.einsum("btm,mke->btke", x, lp.wk)
+        v = jnp.einsum("btm,mke->btke", x, lp.wv)
+        if lp.bq is not None:
+            q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        k_all = k_all.at[i, rows, slots].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[i, rows, slots].set(v.astype(v_all.dtype), mode="drop")
+        att = attend(q, k_all[i], v_all[i], mask)
+        h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
+        x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
+        h = h + swiglu(x, lp.w_gate, lp.w_up, lp.w_down)
+        return (h, k_all, v_all), None
+
+    xs = (params.layers, jnp.arange(cfg.num_layers))
+    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), xs)
+    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    return h, cache.replace(k=k_all, v=v_all)
+
+
+def lm_head(params: Params, h: Float[Array, "B T M"]) -> Float[Array, "B T V"]:
+    """float32 logits; the head is the embedding matrix when tied (lm_head is None)."""
+    if params.lm_head is None:
+        logits = jnp.einsum("btm,vm->btv", h, params.embed)
+    else:
+        logits = jnp.einsum("btm,mv->btv", h, params.lm_head)
+    return logits.astype(jnp.float32)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: Int[Array, "B T"],
+    positions: Int[Array, "B T"],
+    cache: KVCache,
+    inflight: Bool[Array, "#B T T"] | None = None,
+) -> tuple[Float[Array, "B T V"], KVCache]:
+    h, cache = forward_hidden(params, cfg, tokens, positions, cache, inflight)
+    return lm_head(params, h), cache

@@ -1,0 +1,1 @@
+"""Pallas kernels (tree attention, sparse-KV attention); filled by the kernels issue."""

@@ -1,0 +1,99 @@
+"""The `jaxspec` command: a JSON run on the real default model, and one clear message with exit
+status 2 (no traceback) for every bad input; `--debug` shows the traceback."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxspec.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_everywhere():
+    for argv in (["--help"], ["generate", "--help"], ["convert", "--help"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "jaxspec.cli", *argv], capture_output=True, text=True
+        )
+        assert r.returncode == 0 and "usage: jaxspec" in r.stdout
+
+
+def test_generate_json(smollm2, tmp_path, capsys):
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"prompt": "What is 2+2?"}) + "\n\n"
+        + json.dumps({"question_id": 1, "turns": ["Name a color.", "Another."]}) + "\n"
+    )  # fmt: skip
+    code, out, _ = run_cli(
+        capsys, "generate", "--prompts-file", str(f), "--max-new-tokens", "8", "--json"
+    )
+    assert code == 0
+    obj = json.loads(out)
+    assert obj["model"] == "smollm2-135m" and obj["method"] == "ar"
+    assert [r["prompt"] for r in obj["results"]] == ["What is 2+2?", "Name a color."]
+    for r in obj["results"]:
+        assert 1 <= len(r["token_ids"]) <= 8 and isinstance(r["text"], str)
+    m = obj["metrics"]
+    assert m["tau"] == 1.0 and m["new_tokens"] == sum(len(r["token_ids"]) for r in obj["results"])
+    for key in ("tokens_per_s", "ttft_s", "compile_s", "acceptance_rate", "per_rank_acceptance"):
+        assert key in m
+
+
+BAD = [
+    (["generate", "--model", "/no/such/dir", "--prompt", "hi"], "/no/such/dir"),
+    (["generate", "--prompt", "hi", "--temperature", "-1"], "temperature"),
+    (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
+    (["generate", "--prompt", "hi", "--top-k", "-3"], "top_k"),
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "--prompt", "  "], "prompt 0 is empty"),
+    (["generate", "--prompts-file", "/no/such.jsonl"], "/no/such.jsonl"),
+    (["generate"], "--prompt"),
+    (["convert", "--gguf", "/no/such.gguf", "--out", "/tmp/x"], "/no/such.gguf"),
+    (["convert", "--hf", "/no/such/hf", "--out", "/tmp/x"], "/no/such/hf"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", BAD)
+def test_bad_input_one_clear_message(argv, needle, capsys):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_bad_prompts_files(tmp_path, capsys):
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"prompt": "ok"}\n{oops\n')
+    code, _, err = run_cli(capsys, "generate", "--prompts-file", str(f))
+    assert code == 2 and f"{f}:2: not valid JSON" in err
+    f.write_text('{"text": "no prompt key"}\n')
+    code, _, err = run_cli(capsys, "generate", "--prompts-file", str(f))
+    assert code == 2 and "'prompt' or 'turns'" in err
+    f.write_bytes(b"\xff\xfe\x00bad")
+    code, _, err = run_cli(capsys, "generate", "--prompts-file", str(f))
+    assert code == 2 and str(f) in err
+
+
+def test_prompt_longer_than_context(smollm2, capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "word " * 9000, "--max-new-tokens", "4")
+    assert code == 2 and "exceeds the model's context of 8192 tokens" in err
+
+
+def test_corrupt_checkpoint_dir(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
+    assert code == 2 and "unsupported architecture 'BertModel'" in err
+
+
+def test_debug_shows_traceback():
+    r = subprocess.run(
+        [sys.executable, "-m", "jaxspec.cli", "generate", "--model", "/no/such", "--prompt", "x",
+         "--debug"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
