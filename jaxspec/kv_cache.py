@@ -1,6 +1,7 @@
 """KV cache pytree with per-row committed lengths.
 
-`k, v: [L, B, S, K, E]` (layers, rows, slots, KV heads, head dim) and `lengths: int32[B]`.
+`k, v: [L, B, K, S, E]` (layers, rows, KV heads, slots, head dim; heads before slots so the
+attention matmuls read the cache in place) and `lengths: int32[B]`.
 Slots `[0, lengths[b])` hold row b's committed tokens, whose position equals their slot index.
 Slots at and past `lengths[b]` are scratch: a forward writes its T in-flight tokens at
 `[lengths[b], lengths[b] + T)` (writes past S are dropped) without advancing `lengths`; the caller
@@ -16,24 +17,24 @@ from flax import struct
 from jaxspec.config import ModelConfig
 from jaxspec.types import Array, Float, Int
 
-LOGICAL_AXES = ("layers", "batch", "kv_seq", "kv_heads", None)
+LOGICAL_AXES = ("layers", "batch", "kv_heads", "kv_seq", None)
 
 
 @struct.dataclass
 class KVCache:
-    k: Float[Array, "L B S K E"]
-    v: Float[Array, "L B S K E"]
+    k: Float[Array, "L B K S E"]
+    v: Float[Array, "L B K S E"]
     lengths: Int[Array, " B"]
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
     return KVCache(
-        k=jnp.zeros(shape, dtype),
+        k=jnp.zeros(shape, dtype),  # two separate buffers: both are donated
         v=jnp.zeros(shape, dtype),
         lengths=jnp.zeros((batch,), jnp.int32),
     )

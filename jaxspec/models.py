@@ -21,7 +21,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxspec.config import ModelConfig
-from jaxspec.convert.checkpoint import is_checkpoint, load_params, save_params
+from jaxspec.convert.checkpoint import FORMAT, checkpoint_format, load_params, save_params
 from jaxspec.convert.hf import load_hf
 from jaxspec.errors import CheckpointError
 from jaxspec.model.params import Params
@@ -79,9 +79,9 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype: str = "float32", progres
     if name_or_dir in REGISTRY:
         hf_dir = ensure_hf(name_or_dir, progress)
         ckpt = cache_root() / name_or_dir / f"jaxspec-{dtype}"
-        if is_checkpoint(ckpt):
+        if checkpoint_format(ckpt) == FORMAT:
             cfg, params = load_params(ckpt)
-        else:
+        else:  # first use, or a cache written by an older jaxspec: (re)build it
             cfg, params = load_hf(hf_dir, DTYPES[dtype])
             save_params(ckpt, cfg, params)
         return LoadedModel(name_or_dir, cfg, params, Tokenizer.from_dir(hf_dir), hf_dir)
@@ -93,7 +93,7 @@ def load_model(name_or_dir: str = DEFAULT_MODEL, dtype: str = "float32", progres
         )
     if not path.is_dir():
         raise CheckpointError(f"{path}: a model must be a directory (convert a GGUF first)")
-    if is_checkpoint(path):
+    if checkpoint_format(path) is not None:
         cfg, params = load_params(path)
         params = _cast(params, dtype)
     else:

@@ -28,7 +28,8 @@ CONFIG = {
 }
 
 
-def hf_tensors(rng=np.random.default_rng(0)):
+def hf_tensors(seed=0):
+    rng = np.random.default_rng(seed)
     t = {
         "model.embed_tokens.weight": (64, 32),
         "model.norm.weight": (32,),
@@ -59,7 +60,8 @@ def write(path, tensors, config=CONFIG):
 
 def test_valid_checkpoint_loads(tmp_path):
     cfg, params = load_hf(write(tmp_path / "ok", hf_tensors()))
-    assert params.layers.wq.shape == (2, 32, 4, 8) and params.lm_head.shape == (32, 64)
+    # K=2 KV heads, G=2 query heads each (+ key + value), head dim 8
+    assert params.layers.wqkv.shape == (2, 32, 2, 4, 8) and params.lm_head.shape == (32, 64)
 
 
 def test_sharded_checkpoint_equals_single_file(tmp_path):
@@ -112,7 +114,9 @@ def test_broken_checkpoints(tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_hf(d)
-    d = write(tmp_path / "nokey", hf_tensors(), {k: v for k, v in CONFIG.items() if k != "vocab_size"})
+    d = write(
+        tmp_path / "nokey", hf_tensors(), {k: v for k, v in CONFIG.items() if k != "vocab_size"}
+    )
     with pytest.raises(CheckpointError, match="missing required key 'vocab_size'"):
         load_hf(d)
     d = tmp_path / "empty"

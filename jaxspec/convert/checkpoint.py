@@ -24,12 +24,20 @@ from jaxspec.config import ModelConfig, RopeScaling
 from jaxspec.errors import CheckpointError
 from jaxspec.model.params import Params, param_shapes
 
-FORMAT = 1
+FORMAT = 2  # 2: fused wqkv / w_gate_up layout
 MARKER = "jaxspec.json"
 
 
 def is_checkpoint(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
+
+
+def checkpoint_format(path: Path) -> int | None:
+    """The format number of a jaxspec checkpoint directory (None if unreadable)."""
+    try:
+        return json.loads((Path(path) / MARKER).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def save_params(path: str | Path, cfg: ModelConfig, params: Params) -> Path:
@@ -43,7 +51,13 @@ def save_params(path: str | Path, cfg: ModelConfig, params: Params) -> Path:
         ckptr.wait_until_finished()
         meta = {"format": FORMAT, "dtype": str(params.embed.dtype), "config": _cfg_dict(cfg)}
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, path)
+        if path.exists():  # replace an old checkpoint: move it aside first, then delete it
+            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -58,7 +72,10 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, Params]:
     try:
         meta = json.loads(marker.read_text())
         if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{marker}: unsupported format {meta.get('format')!r}")
+            raise CheckpointError(
+                f"{marker}: checkpoint format {meta.get('format')!r}, this jaxspec reads {FORMAT}; "
+                "convert the model again (jaxspec convert)"
+            )
         cfg = _cfg_from_dict(meta["config"])
         dtype = jnp.dtype(meta["dtype"])
     except (OSError, KeyError, TypeError, ValueError) as e:

