@@ -1,7 +1,9 @@
 """Host-side driver: validate prompts, bucket shapes, compile once per bucket, time the phases.
 
 Buckets (so new prompts reuse compilations): the padded prompt length P is the next power of two
->= the longest prompt (at least 16); the prefill chunk is min(chunk, P); the batch is padded to
+>= the longest prompt (at least 16) up to 256, then the next multiple of 256 (tighter buckets keep
+the cache, which every decode step reads whole, small); the prefill chunk is the largest power of
+two <= min(chunk, P) that divides P; the batch is padded to
 the next power of two <= batch_size with empty rows; the output buffer O is max_new_tokens
 rounded up to a multiple of 32 (each row still stops at its own max_new_tokens).
 Compilation is done ahead of time (`lower().compile()`) and timed separately from running.
@@ -26,6 +28,11 @@ from jaxspec.sampling import SamplingParams
 
 def next_pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def prompt_bucket(n: int) -> int:
+    """Padded prompt length: powers of two up to 256, then multiples of 256."""
+    return next_pow2(n, 16) if n <= 256 else -(-n // 256) * 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +97,8 @@ class Runner:
         for start in range(0, len(prompts), opts.batch_size):
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
-            P = next_pow2(max(map(len, batch)), 16)
-            chunk = min(opts.chunk, P)
+            P = prompt_bucket(max(map(len, batch)))
+            chunk = min(opts.chunk, P & -P)  # P & -P: largest power of two dividing P
             arr = np.zeros((B, P), np.int32)
             lens = np.zeros((B,), np.int32)
             for i, ids in enumerate(batch):
