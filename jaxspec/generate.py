@@ -26,7 +26,7 @@ from jaxspec.kv_cache import KVCache, advance, init_cache
 from jaxspec.model import forward, forward_hidden, lm_head
 from jaxspec.model.params import Params
 from jaxspec.sampling import SamplingParams, sample
-from jaxspec.types import Array, Bool, Int, PRNGKeyArray
+from jaxspec.types import Array, Bool, Float, Int, PRNGKeyArray
 
 
 @struct.dataclass
@@ -42,7 +42,7 @@ class DecodeState:
     steps: Int[Array, ""]  # target forward passes since prefill
 
 
-def _is_eos(tok: Int[Array, " B"], cfg: ModelConfig) -> Bool[Array, " B"]:
+def is_eos(tok: Int[Array, " B"], cfg: ModelConfig) -> Bool[Array, " B"]:
     hit = jnp.zeros(tok.shape, bool)
     for e in cfg.eos_token_ids:
         hit |= tok == e
@@ -63,10 +63,44 @@ def prefill(
 ) -> DecodeState:
     """Chunked prefill of ragged prompts, then the first token of each row."""
     B, P = prompts.shape
+    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    cache, last_h = prefill_cache(
+        params, cfg, prompts, prompt_lengths, slots=P + max_new_tokens, chunk=chunk
+    )
+    logits = lm_head(params, last_h[:, None, :])[:, 0]
+    key, sub = jax.random.split(key)
+    first = sample(logits, sampling, sub)
+    max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)
+    tokens = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
+    done = is_eos(first, cfg) | (max_new <= 1) | (prompt_lengths <= 0)
+    return DecodeState(
+        tokens=tokens,
+        n_out=jnp.ones((B,), jnp.int32),
+        root=first,
+        done=done,
+        max_new=max_new,
+        cache=cache,
+        sampling=sampling,
+        rng=key,
+        steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def prefill_cache(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Int[Array, "B P"],
+    prompt_lengths: Int[Array, " B"],
+    *,
+    slots: int,
+    chunk: int,
+) -> tuple[KVCache, Float[Array, "B M"]]:
+    """A cache of `slots` slots holding each row's prompt (lengths = prompt_lengths), and the
+    final hidden state of each row's last prompt token."""
+    B, P = prompts.shape
     if P % chunk:
         raise ValueError(f"padded prompt length {P} is not a multiple of the chunk {chunk}")
-    cache = init_cache(cfg, B, P + max_new_tokens, params.embed.dtype)
-    prompt_lengths = prompt_lengths.astype(jnp.int32)
+    cache = init_cache(cfg, B, slots, params.embed.dtype)
 
     def body(c, carry):
         cache, last_h = carry
@@ -80,24 +114,7 @@ def prefill(
         return advance(cache, n_valid), last_h
 
     last_h = jnp.zeros((B, cfg.hidden_size), params.embed.dtype)
-    cache, last_h = jax.lax.fori_loop(0, P // chunk, body, (cache, last_h))
-    logits = lm_head(params, last_h[:, None, :])[:, 0]
-    key, sub = jax.random.split(key)
-    first = sample(logits, sampling, sub)
-    max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)
-    tokens = jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first)
-    done = _is_eos(first, cfg) | (max_new <= 1) | (prompt_lengths <= 0)
-    return DecodeState(
-        tokens=tokens,
-        n_out=jnp.ones((B,), jnp.int32),
-        root=first,
-        done=done,
-        max_new=max_new,
-        cache=cache,
-        sampling=sampling,
-        rng=key,
-        steps=jnp.zeros((), jnp.int32),
-    )
+    return jax.lax.fori_loop(0, P // chunk, body, (cache, last_h))
 
 
 def _ar_step(params: Params, cfg: ModelConfig, state: DecodeState) -> DecodeState:
@@ -114,7 +131,7 @@ def _ar_step(params: Params, cfg: ModelConfig, state: DecodeState) -> DecodeStat
         jnp.where(live, nxt, -1), mode="drop", unique_indices=True
     )
     n_out = state.n_out + live
-    done = state.done | (live & (_is_eos(nxt, cfg) | (n_out >= state.max_new)))
+    done = state.done | (live & (is_eos(nxt, cfg) | (n_out >= state.max_new)))
     return state.replace(
         tokens=jnp.where(live[:, None], tokens, state.tokens),
         n_out=n_out,

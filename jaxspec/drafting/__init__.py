@@ -1,0 +1,11 @@
+"""Drafters: who proposes the speculated tree tokens.
+
+A model drafter is any jaxspec model sharing the target's tokenizer: a separate small checkpoint,
+or a layer-skip self-draft built from the target (`layer_skip`). It runs the same pure `forward`
+over the whole tree once per level (tokens not drawn yet are ignored through the ancestor mask),
+plus once more so every node has draft KV, which the step commits like the target's.
+"""
+
+from jaxspec.drafting.model import ModelDraft, layer_skip
+
+__all__ = ["ModelDraft", "layer_skip"]
