@@ -1,7 +1,10 @@
 """The `jaxspec` command.
 
   jaxspec generate [--model NAME|DIR] [--prompt TEXT ... | --prompts-file JSONL] [--no-chat]
-                   [--method ar] [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
+                   [--method ar|chain|tree] [--drafter layerskip|model] [--draft DIR]
+                   [--draft-layers I,J,...] [--gamma K] [--tree NAME|FILE]
+                   [--verifier greedy|swor|rrs|spechub|point_mass]
+                   [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
                    [--batch-size B] [--seed S] [--dtype float32|bfloat16] [--json]
   jaxspec convert (--hf DIR | --gguf FILE) --out DIR [--dtype ...]
 
@@ -17,7 +20,8 @@ from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError
 
-METHODS = ("ar",)
+METHODS = ("ar", "chain", "tree")
+VERIFIERS = ("greedy", "swor", "rrs", "spechub", "point_mass")
 
 
 def _add_common(p: argparse.ArgumentParser, default=False):
@@ -38,7 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", action="append", help="prompt text (repeat for several)")
     src.add_argument("--prompts-file", type=Path, help="JSONL: 'prompt' or 'turns' per line")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    g.add_argument("--method", default="ar", choices=METHODS)
+    g.add_argument("--method", default="ar", choices=METHODS, help="ar, or speculative")
+    g.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
+    g.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    g.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
+                   "(default: every other layer)")  # fmt: skip
+    g.add_argument("--gamma", type=int, default=4, help="chain length for --method chain")
+    g.add_argument("--tree", default="kary_2x3", help="tree name in configs/trees or a TOML file")
+    g.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -108,7 +119,9 @@ def cmd_generate(args) -> int:
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
     ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t in texts]
-    outs, metrics = Runner(model.params, model.cfg).run(ids, opts)
+    spec, draft_params = build_spec(args, model)
+    outs, metrics = Runner(model.params, model.cfg, spec, draft_params).run(ids, opts)
+    metrics.method = args.method
     results = [
         {"prompt": t, "token_ids": o, "text": model.tokenizer.decode(o)}
         for t, o in zip(texts, outs, strict=True)
@@ -127,6 +140,41 @@ def cmd_generate(args) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def build_spec(args, model):
+    """(SpecConfig, draft params) for a speculative --method, or (None, None) for ar."""
+    if args.method == "ar":
+        return None, None
+    from jaxspec.drafting import layer_skip
+    from jaxspec.models import load_model
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import chain, load_tree
+
+    if args.gamma < 1:
+        raise InputError(f"--gamma must be >= 1, got {args.gamma}")
+    tree = chain(args.gamma) if args.method == "chain" else load_tree(args.tree)
+    verifier = args.verifier or ("greedy" if args.temperature == 0 else "swor")
+    if verifier == "greedy" and args.temperature > 0:
+        raise InputError(
+            "--verifier greedy needs --temperature 0 (use swor/rrs/spechub/point_mass)"
+        )
+    if args.drafter == "model":
+        if not args.draft:
+            raise InputError("--drafter model needs --draft NAME|DIR")
+        draft = load_model(args.draft, args.dtype, progress=not args.json)
+        dcfg, dparams = draft.cfg, draft.params
+    else:
+        L = model.cfg.num_layers
+        try:
+            keep = (tuple(int(x) for x in args.draft_layers.split(",")) if args.draft_layers
+                    else tuple(range(0, L, 2)))  # fmt: skip
+        except ValueError:
+            raise InputError(
+                f"--draft-layers must be comma-separated integers: {args.draft_layers!r}"
+            ) from None
+        dcfg, dparams = layer_skip(model.params, model.cfg, keep)
+    return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
 
 
 def cmd_convert(args) -> int:

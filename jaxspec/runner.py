@@ -67,10 +67,13 @@ def check_prompts(prompts: list[list[int]], cfg: ModelConfig, max_new_tokens: in
 
 
 class Runner:
-    """Runs AR generation over many prompts in batches, keeping compiled executables per bucket."""
+    """Runs generation over many prompts in batches, keeping compiled executables per bucket.
 
-    def __init__(self, params: Params, cfg: ModelConfig):
-        self.params, self.cfg = params, cfg
+    Without `spec` it decodes autoregressively (`jaxspec.generate`); with a `SpecConfig` and the
+    draft's params it runs the speculative step (`jaxspec.speculative`)."""
+
+    def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None):
+        self.params, self.cfg, self.spec, self.draft_params = params, cfg, spec, draft_params
         self._compiled: dict[tuple, tuple] = {}
 
     def _executables(self, B: int, P: int, out_len: int, chunk: int, args):
@@ -78,22 +81,32 @@ class Runner:
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        pre = prefill_jit.lower(*args, cfg=self.cfg, max_new_tokens=out_len, chunk=chunk).compile()
-        state_shape = jax.eval_shape(
-            lambda *a: prefill_jit(*a, cfg=self.cfg, max_new_tokens=out_len, chunk=chunk), *args
-        )
-        dec = decode.lower(self.params, self.cfg, state_shape).compile()
-        self._compiled[key] = (pre, dec)
-        return (pre, dec), time.perf_counter() - t0
+        if self.spec is None:
+            fn, dec, static = prefill_jit, decode, dict(cfg=self.cfg)
+            lead, tail = (self.params,), (self.cfg,)
+        else:
+            from jaxspec.speculative import spec_decode, spec_prefill_jit
+
+            fn, dec, static = spec_prefill_jit, spec_decode, dict(spec=self.spec)
+            lead, tail = (self.params, self.draft_params), (self.spec,)
+        static.update(max_new_tokens=out_len, chunk=chunk)
+        pre = fn.lower(*lead, *args, **static).compile()
+        state_shape = jax.eval_shape(lambda *a: fn(*a, **static), *lead, *args)
+        if self.spec is None:  # decode(params, cfg, state)
+            dec = dec.lower(*lead, *tail, state_shape).compile()
+        else:  # spec_decode(params_t, params_d, state, spec)
+            dec = dec.lower(*lead, state_shape, *tail).compile()
+        self._compiled[key] = (pre, dec, lead)
+        return self._compiled[key], time.perf_counter() - t0
 
     def run(self, prompts: list[list[int]], opts: GenerateOptions) -> tuple[list, Metrics]:
         opts.validate()
         check_prompts(prompts, self.cfg, opts.max_new_tokens)
-        m = Metrics(num_prompts=len(prompts))
+        m = Metrics(num_prompts=len(prompts), method="ar" if self.spec is None else "spec")
         outputs: list[list[int]] = []
         out_len = -(-opts.max_new_tokens // 32) * 32
         key = jax.random.key(opts.seed)
-        n_batches = 0
+        n_batches, live_steps, accepted, hist = 0, 0, 0, None
         for start in range(0, len(prompts), opts.batch_size):
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
@@ -106,25 +119,46 @@ class Runner:
             key, sub = jax.random.split(key)
             sp = SamplingParams.make(B, opts.temperature, opts.top_k, opts.top_p)
             max_new = jnp.full((B,), opts.max_new_tokens, jnp.int32)
-            args = (self.params, jnp.asarray(arr), jnp.asarray(lens), sub, sp, max_new)
-            (pre, dec), compile_s = self._executables(B, P, out_len, chunk, args)
+            args = (jnp.asarray(arr), jnp.asarray(lens), sub, sp, max_new)
+            (pre, dec, lead), compile_s = self._executables(B, P, out_len, chunk, args)
             m.compile_s += compile_s
             t0 = time.perf_counter()
-            state = pre(*args)
+            state = pre(*lead, *args)
             jax.block_until_ready(state)
             t1 = time.perf_counter()
-            state = dec(self.params, state)
+            state = dec(*lead, state)
             jax.block_until_ready(state)
             t2 = time.perf_counter()
             m.prefill_s += t1 - t0
             m.decode_s += t2 - t1
             toks, n_out = np.asarray(state.tokens), np.asarray(state.n_out)
-            outputs += [toks[i, : n_out[i]].tolist() for i in range(len(batch))]
+            n = len(batch)
+            outputs += [toks[i, : n_out[i]].tolist() for i in range(n)]
             m.target_steps += int(state.steps)
-            m.new_tokens += int(n_out[: len(batch)].sum())
+            m.new_tokens += int(n_out[:n].sum())
+            if self.spec is not None:
+                live_steps += int(np.asarray(state.live_steps)[:n].sum())
+                accepted += int(np.asarray(state.accepted)[:n].sum())
+                h = np.asarray(state.accept_hist)[:n].sum(0)
+                hist = h if hist is None else hist + h
             n_batches += 1
         after_first = m.new_tokens - len(prompts)
         m.tokens_per_s = after_first / m.decode_s if m.decode_s > 0 else 0.0
         m.ttft_s = m.prefill_s / max(n_batches, 1)
-        m.verify_s = m.decode_s
+        m.verify_s = m.decode_s  # not split inside the jitted step yet (see Metrics)
+        if self.spec is not None and live_steps:
+            fill_spec_metrics(m, self.spec.tree.num_speculated, after_first, live_steps,
+                              accepted, hist)  # fmt: skip
         return outputs, m
+
+
+def fill_spec_metrics(m: Metrics, n_drafted: int, emitted: int, live_steps: int, accepted: int,
+                      hist: np.ndarray) -> None:  # fmt: skip
+    """tau = decode tokens per live target step (bonus included); acceptance = accepted drafted
+    tokens / drafted tokens (N per live step); per-depth: P(a >= d | a >= d - 1)."""
+    m.tau = emitted / live_steps
+    m.acceptance_rate = accepted / (live_steps * n_drafted) if n_drafted else None
+    reach = hist[::-1].cumsum()[::-1]  # reach[d] = steps with a >= d
+    m.per_depth_acceptance = [
+        float(reach[d] / reach[d - 1]) if reach[d - 1] else 0.0 for d in range(1, len(reach))
+    ]

@@ -39,7 +39,7 @@ from jaxspec.trees import TreeSpec
 from jaxspec.types import Array, Bool, Int, PRNGKeyArray
 from jaxspec.verify import proposals, rules
 
-VERIFIERS = ("greedy", "swor", "rrs", "point_mass")
+VERIFIERS = ("greedy", "swor", "rrs", "spechub", "point_mass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +47,9 @@ class SpecConfig:
     target: ModelConfig
     draft: ModelConfig
     tree: TreeSpec
-    verifier: str = "greedy"  # greedy (T = 0) | swor | rrs | point_mass (top-k drafts at T > 0)
+    # greedy (T = 0) | swor | rrs | spechub (2-child nodes with a peaked draft; SWOR elsewhere)
+    # | point_mass (deterministic top-k drafts at T > 0)
+    verifier: str = "greedy"
 
     def __post_init__(self):
         if self.verifier not in VERIFIERS:
@@ -76,17 +78,25 @@ class SpecState:
     accept_hist: Int[Array, "B D1"]  # accept_hist[b, a]: steps where row b accepted a tokens
 
 
-def _draw_children(spec: SpecConfig, z, k: int, key):
-    """k children per node from processed draft logits z [B, n, V]: tokens [B, n, k], -1 = none."""
+def _draw_children(spec: SpecConfig, z, fanout: np.ndarray, key):
+    """Children of n nodes from processed draft logits z [B, n, V]: tokens [B, n, k], -1 = none,
+    k = max fan-out. Each proposal matches its verification rule (see `jaxspec.verify`)."""
     B, n, V = z.shape
+    k = int(fanout.max())
     flat = z.reshape(B * n, V)
     if spec.verifier in ("greedy", "point_mass"):
         kids = proposals.draw_topk(flat, k)
-    elif spec.verifier == "swor":
+    elif spec.verifier in ("swor", "spechub"):
         kids = proposals.draw_swor(flat, k, key)
     else:
         kids = proposals.draw_iid(flat, k, key)
-    return kids.reshape(B, n, k)
+    kids = kids.reshape(B, n, k)
+    if spec.verifier == "spechub" and (fanout == 2).any():
+        # 2-child nodes: a SpecHub pair where the draft is peaked (flag = f(q) only), else SWOR
+        pair = proposals.draw_select(flat, key, rules.hub_flag(flat)).reshape(B, n, 2)
+        pair = jnp.pad(pair, ((0, 0), (0, 0), (0, k - 2)), constant_values=-1)
+        kids = jnp.where(jnp.asarray(fanout == 2)[None, :, None], pair, kids)
+    return kids
 
 
 def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
@@ -100,12 +110,11 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
     for level, (start, stop) in enumerate(tree.level_slices[:-1]):
         logits, _ = forward(params_d, spec.draft, toks, positions, dcache, anc)
         nodes = np.arange(start, stop)
-        k = int(tree.num_children[nodes].max())  # >= 1: a level above the last has children
         z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(
             logits[:, start:stop]
         )
         zq = z if zq is None else jnp.concatenate([zq, z], axis=1)
-        kids = _draw_children(spec, z, k, jax.random.fold_in(key, level))
+        kids = _draw_children(spec, z, tree.num_children[nodes], jax.random.fold_in(key, level))
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots
             for r, child in enumerate(tree.children[node][: tree.num_children[node]]):
                 toks = toks.at[:, child].set(kids[:, j, r])
@@ -117,15 +126,21 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
     return toks, zq, dcache
 
 
-def _node_result(spec: SpecConfig, logits_t, zq_node, kid_tok, sp: SamplingParams):
+def _node_result(spec: SpecConfig, logits_t, zq_node, kid_tok, n_kids, sp: SamplingParams):
     if spec.verifier == "greedy":
         return rules.greedy(logits_t, kid_tok)
     p = probs(logits_t, sp)
     if spec.verifier == "point_mass":
         return rules.point_mass(p, kid_tok)
-    if spec.verifier == "swor":
-        return rules.swor(p, zq_node, kid_tok)
-    return rules.rrs(p, zq_node, kid_tok)
+    if spec.verifier == "rrs":
+        return rules.rrs(p, zq_node, kid_tok)
+    res = rules.swor(p, zq_node, kid_tok)
+    if spec.verifier == "spechub" and spec.tree.max_width >= 2:
+        hub = rules.select_rule(p, zq_node, kid_tok[:, :2])  # same flag as the drafter's
+        hub = hub.replace(accept=jnp.pad(hub.accept, ((0, 0), (0, kid_tok.shape[1] - 2))))
+        two = (n_kids == 2)[:, None]
+        res = jax.tree.map(lambda h, s: jnp.where(two, h, s), hub, res)
+    return res
 
 
 def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
@@ -142,7 +157,8 @@ def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
     for d in range(tree.max_depth):
         kids = children[cur]  # [B, W]
         kid_tok = jnp.where(kids >= 0, toks[rows[:, None], jnp.maximum(kids, 0)], -1)
-        res = _node_result(spec, logits_t[rows, cur], zq[rows, cur], kid_tok, sp)
+        n_kids = jnp.asarray(tree.num_children)[cur]
+        res = _node_result(spec, logits_t[rows, cur], zq[rows, cur], kid_tok, n_kids, sp)
         j, bon = rules.sample_node(res, kid_tok, jax.random.fold_in(key, d))
         took = alive & (j >= 0)
         nxt = kids[rows, jnp.maximum(j, 0)]

@@ -97,3 +97,29 @@ def test_debug_shows_traceback():
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckpointError" in r.stderr
+
+
+def test_speculative_methods_equal_ar_on_smollm2(smollm2, capsys):
+    """Greedy chain/tree speculation with a layer-skip self-draft emits exactly AR's tokens."""
+    common = ["generate", "--prompt", "Write a haiku about the sea.", "--max-new-tokens", "24",
+              "--json"]  # fmt: skip
+    outs = {}
+    for method in (["ar"], ["chain", "--gamma", "3"], ["tree", "--tree", "kary_2x3"]):
+        code, out, _ = run_cli(capsys, *common, "--method", *method,
+                               "--draft-layers", ",".join(map(str, range(20))))  # fmt: skip
+        assert code == 0
+        obj = json.loads(out)
+        outs[method[0]] = obj["results"][0]["token_ids"]
+        m = obj["metrics"]
+        assert m["method"] == method[0] and m["tau"] >= 1.0
+        if method[0] != "ar":
+            assert 0.0 <= m["acceptance_rate"] <= 1.0 and len(m["per_depth_acceptance"]) >= 3
+    assert outs["chain"] == outs["ar"] and outs["tree"] == outs["ar"]
+
+
+def test_speculative_option_errors(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--method", "chain", "--gamma", "0")
+    assert code == 2 and "--gamma" in err
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--method", "tree", "--tree",
+                           "no_such_tree")  # fmt: skip
+    assert code == 2 and "no_such_tree" in err

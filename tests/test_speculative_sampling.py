@@ -83,7 +83,7 @@ def joint():
     return JOINT
 
 
-@pytest.mark.parametrize("verifier", ["swor", "rrs", "point_mass"])
+@pytest.mark.parametrize("verifier", ["swor", "rrs", "spechub", "point_mass"])
 @pytest.mark.parametrize("tree", ["chain2", "kary2x2"])
 def test_joint_of_first_three_tokens_matches_target(verifier, tree):
     t = {"chain2": chain(2), "kary2x2": kary(2, 2)}[tree]
