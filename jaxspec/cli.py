@@ -6,6 +6,9 @@
                    [--verifier greedy|swor|rrs|spechub|point_mass]
                    [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
                    [--batch-size B] [--seed S] [--dtype float32|bfloat16] [--json]
+  jaxspec bench --prompts-file JSONL [--methods ar,chain,chain:G,tree,tree:NAME,...]
+                [--limit N] [--per-category N] [--raw-categories] [--json OUT] [--out-md FILE]
+                [the generate options above, --batch-size defaulting to 1]
   jaxspec convert (--hf DIR | --gguf FILE) --out DIR [--dtype ...]
 
 User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
@@ -60,6 +63,45 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(g, argparse.SUPPRESS)
 
+    b = sub.add_parser("bench", help="benchmark methods against AR in one process")
+    b.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
+    b.add_argument(
+        "--methods",
+        default="ar,chain,tree",
+        help="comma list of ar, chain (uses --gamma), chain:G, tree (uses --tree), "
+        "tree:NAME|FILE; ar is always run (first): speedups are relative to it",
+    )
+    b.add_argument("--prompts-file", type=Path, required=True,
+                   help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
+    b.add_argument("--limit", type=int, help="use the first N prompts (after --per-category)")
+    b.add_argument("--per-category", type=int, help="use up to N prompts per category")
+    b.add_argument("--raw-categories", action="store_true",
+                   help="keep MT-bench's 8 sub-categories (default: grouped as mt_bench, as "
+                   "Spec-Bench reports them)")  # fmt: skip
+    b.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    b.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
+    b.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    b.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
+                   "(default: every other layer)")  # fmt: skip
+    b.add_argument("--gamma", type=int, default=4, help="chain length for a plain 'chain'")
+    b.add_argument("--tree", default="kary_2x3", help="tree for a plain 'tree'")
+    b.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--top-k", type=int, default=0, help="0 = off")
+    b.add_argument("--batch-size", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    b.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
+    b.add_argument(
+        "--out-md",
+        type=Path,
+        metavar="FILE",
+        help="write the report into FILE between <!-- bench:start/end --> markers",
+    )
+    _add_common(b, argparse.SUPPRESS)
+
     c = sub.add_parser("convert", help="convert a checkpoint")
     srcs = c.add_mutually_exclusive_group(required=True)
     srcs.add_argument("--hf", type=Path, help="HF checkpoint dir → jaxspec (orbax) checkpoint")
@@ -71,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts_file(path: Path) -> list[str]:
+    return [text for text, _ in read_prompt_records(path)]
+
+
+def read_prompt_records(path: Path) -> list[tuple[str, dict]]:
+    """(prompt text, the whole JSON record) per non-blank line: 'prompt', else the first of
+    'turns'."""
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -86,9 +134,9 @@ def read_prompts_file(path: Path) -> list[str]:
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
-            prompts.append(rec["prompt"])
+            prompts.append((rec["prompt"], rec))
         elif isinstance(rec, dict) and rec.get("turns") and isinstance(rec["turns"][0], str):
-            prompts.append(rec["turns"][0])
+            prompts.append((rec["turns"][0], rec))
         else:
             raise InputError(f"{path}:{n}: expected an object with 'prompt' or 'turns'")
     if not prompts:
@@ -177,6 +225,12 @@ def build_spec(args, model):
     return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
 
 
+def cmd_bench(args) -> int:
+    from jaxspec.bench import cmd_bench as run
+
+    return run(args)
+
+
 def cmd_convert(args) -> int:
     from jaxspec.convert.checkpoint import save_params
     from jaxspec.convert.hf import load_hf
@@ -195,8 +249,10 @@ def cmd_convert(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
+    commands = {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert}
     try:
-        return {"generate": cmd_generate, "convert": cmd_convert}[args.command](args)
+        return commands[args.command](args)
     except JaxspecError as e:
         if args.debug:
             raise

@@ -118,7 +118,8 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots
             for r, child in enumerate(tree.children[node][: tree.num_children[node]]):
                 toks = toks.at[:, child].set(kids[:, j, r])
-    _, dcache = forward(params_d, spec.draft, toks, positions, dcache, anc)  # draft KV, all nodes
+    if tree.num_speculated:  # draft KV for every node (the accepted path's rows are committed)
+        _, dcache = forward(params_d, spec.draft, toks, positions, dcache, anc)
     n_inner = 0 if zq is None else zq.shape[1]
     if n_inner < tree.num_nodes:  # leaves of the last level: never used as q
         pad = jnp.zeros((B, tree.num_nodes - n_inner, spec.target.vocab_size), jnp.float32)

@@ -7,5 +7,6 @@ plus once more so every node has draft KV, which the step commits like the targe
 """
 
 from jaxspec.drafting.model import ModelDraft, layer_skip
+from jaxspec.drafting.search import Candidate, default_candidates, search_layer_skip
 
-__all__ = ["ModelDraft", "layer_skip"]
+__all__ = ["Candidate", "ModelDraft", "default_candidates", "layer_skip", "search_layer_skip"]

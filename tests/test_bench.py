@@ -1,0 +1,136 @@
+"""`jaxspec bench`: AR and speculative methods on the same prompts in one process (JSON, markdown,
+per-category numbers, the greedy lossless check), and one clear message for every bad input."""
+
+import json
+
+import pytest
+
+from jaxspec.bench import MethodSpec, aggregate, parse_methods, select_prompts
+from jaxspec.cli import main
+from jaxspec.metrics import Metrics
+
+DRAFT_LAYERS = ",".join(map(str, range(20)))  # 20 of SmolLM2's 30 layers
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_on_smollm2(smollm2, tmp_path, capsys):
+    f = tmp_path / "q.jsonl"
+    recs = [
+        {"category": "writing", "turns": ["Write a haiku about the sea.", "Another one."]},
+        {"category": "qa", "prompt": "What is the capital of France?"},
+        {"category": "roleplay", "turns": ["Pretend to be a pirate. Say hello."]},
+        {"category": "writing", "prompt": "Name three colors."},  # 3rd mt_bench: dropped
+    ]
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = tmp_path / "B.md"
+    md.write_text("# jaxspec benchmarks\n\nintro\n\n<!-- bench:start -->\nold\n<!-- bench:end -->\n"
+                  "\ntail\n")  # fmt: skip
+    out_json = tmp_path / "r" / "bench.json"
+    code, out, err = run_cli(
+        capsys, "bench", "--prompts-file", str(f), "--per-category", "2", "--max-new-tokens", "8",
+        "--methods", "chain:2,tree:kary_2x3", "--draft-layers", DRAFT_LAYERS,
+        "--json", str(out_json), "--out-md", str(md),
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    for key in ("model", "date", "jax_version", "machine", "command", "settings", "methods"):
+        assert key in r
+    assert r["model"] == "smollm2-135m" and r["command"].startswith("jaxspec bench ")
+    assert r["settings"]["num_prompts"] == 3
+    assert r["settings"]["categories"] == {"mt_bench": 2, "qa": 1}
+    assert list(r["methods"]) == ["ar", "chain:2", "tree:kary_2x3"]  # AR added, first
+    ar = r["methods"]["ar"]
+    assert ar["overall"]["speedup_vs_ar"] == 1.0 and ar["overall"]["tau"] == 1.0
+    for name, m in r["methods"].items():
+        assert m["identical_to_ar"] == "3/3", name  # greedy speculation is lossless
+        assert set(m["per_category"]) == {"mt_bench", "qa"}
+        o = m["overall"]
+        assert o["num_prompts"] == 3 and o["speedup_vs_ar"] > 0 and o["compile_s"] > 0
+        assert o["new_tokens"] == sum(c["new_tokens"] for c in m["per_category"].values())
+        cats = m["per_category"].values()
+        assert o["decode_s"] == pytest.approx(sum(c["decode_s"] for c in cats))
+        emitted = o["new_tokens"] - o["num_prompts"]
+        assert o["tokens_per_s"] == pytest.approx(emitted / o["decode_s"])
+        assert o["tau"] == pytest.approx(emitted / o["live_steps"])
+        for c, cm in m["per_category"].items():
+            ar_c = ar["per_category"][c]
+            assert cm["speedup_vs_ar"] == pytest.approx(cm["tokens_per_s"] / ar_c["tokens_per_s"])
+        if name != "ar":
+            assert o["tau"] >= 1.0 and 0.0 <= o["acceptance_rate"] <= 1.0
+            assert len(o["per_depth_acceptance"]) >= 2
+    assert "| method | tau |" in out and "| chain:2 |" in out and "| **overall** | 3 |" in out
+    assert "| mt_bench | 2 |" in out and "| qa | 1 |" in out
+    text = md.read_text()
+    assert text.startswith("# jaxspec benchmarks\n\nintro\n") and text.endswith("\ntail\n")
+    assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench:end -->") == 1
+    assert "old" not in text and "| tree:kary_2x3 |" in text and "JAX " in text
+    assert "bench: chain:2 · qa: 1 prompt" in err
+
+
+def test_parse_methods():
+    names = [m.name for m in parse_methods("chain,tree:kary_4x2,ar,chain:2", 3, "kary_2x3")]
+    assert names == ["ar", "chain:3", "tree:kary_4x2", "chain:2"]
+    assert parse_methods("tree", 4, "kary_2x3") == [
+        MethodSpec("ar", "ar"),
+        MethodSpec("tree:kary_2x3", "tree", tree="kary_2x3"),
+    ]
+
+
+def test_select_prompts():
+    pairs = [("a", "writing"), ("b", "qa"), ("c", "stem"), ("d", "qa"), ("e", "qa"), ("f", None)]
+    recs = [(t, {"category": c}) for t, c in pairs]
+    got = select_prompts(recs, per_category=2)
+    assert got == [("a", "mt_bench"), ("b", "qa"), ("c", "mt_bench"), ("d", "qa"), ("f", None)]
+    assert select_prompts(recs, limit=2, per_category=1, raw_categories=True) == [
+        ("a", "writing"),
+        ("b", "qa"),
+    ]
+
+
+def test_aggregate():
+    a = Metrics(num_prompts=1, new_tokens=11, tau=2.0, acceptance_rate=0.5, decode_s=1.0,
+                per_depth_acceptance=[0.8, 0.4], prefill_s=0.2)  # fmt: skip
+    b = Metrics(num_prompts=2, new_tokens=22, tau=4.0, acceptance_rate=1.0, decode_s=3.0,
+                per_depth_acceptance=[1.0, 1.0], prefill_s=0.4)  # fmt: skip
+    m = aggregate([a, b], "chain:4", batch_size=1)
+    # decode tokens 10 + 20 over live steps 5 + 5
+    assert m.tau == 3.0 and m.tokens_per_s == 7.5 and m.acceptance_rate == 0.75
+    assert m.per_depth_acceptance == pytest.approx([0.9, 0.7])
+    assert m.ttft_s == pytest.approx(0.2) and m.num_prompts == 3
+
+
+BAD = [
+    (["--methods", "ar,medusa"], "unknown method 'medusa'"),
+    (["--methods", "chain:x"], "chain length must be an integer"),
+    (["--methods", "chain:0"], "must be >= 1"),
+    (["--methods", "ar,,chain"], "empty method name"),
+    (["--methods", "chain,chain:4"], "'chain:4' is listed twice"),
+    (["--methods", "tree:no_such_tree"], "no_such_tree"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--per-category", "-1"], "--per-category must be >= 1"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--gamma", "0"], "--gamma"),
+]
+
+
+@pytest.mark.parametrize("extra, needle", BAD)
+def test_bench_bad_input(extra, needle, tmp_path, capsys):
+    f = tmp_path / "q.jsonl"
+    f.write_text('{"prompt": "hi", "category": "qa"}\n')
+    code, _, err = run_cli(capsys, "bench", "--prompts-file", str(f), *extra)
+    assert code == 2
+    assert err.startswith("error: ") and needle in err and "Traceback" not in err
+
+
+def test_bench_bad_prompts_file(tmp_path, capsys):
+    f = tmp_path / "empty.jsonl"
+    f.write_text("\n\n")
+    code, _, err = run_cli(capsys, "bench", "--prompts-file", str(f))
+    assert code == 2 and f"{f}: no prompts" in err
+    code, _, err = run_cli(capsys, "bench", "--prompts-file", str(tmp_path / "nope.jsonl"))
+    assert code == 2 and "nope.jsonl" in err
