@@ -416,7 +416,7 @@ def cmd_bench(args) -> int:
             "verifier": verifier,
             "drafter": args.drafter,
             "draft": args.draft,
-            "draft_layers": args.draft_layers or "every other layer",
+            "draft_layers": args.draft_layers or "default (a band of L/6 layers skipped)",
             "gamma": args.gamma,
             "tree": args.tree,
         },

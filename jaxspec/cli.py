@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
     g.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
     g.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
-                   "(default: every other layer)")  # fmt: skip
+                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
     g.add_argument("--gamma", type=int, default=4, help="chain length for --method chain")
     g.add_argument("--tree", default="kary_2x3", help="tree name in configs/trees or a TOML file")
     g.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
     b.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
     b.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
-                   "(default: every other layer)")  # fmt: skip
+                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
     b.add_argument("--gamma", type=int, default=4, help="chain length for a plain 'chain'")
     b.add_argument("--tree", default="kary_2x3", help="tree for a plain 'tree'")
     b.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
@@ -194,7 +194,7 @@ def build_spec(args, model):
     """(SpecConfig, draft params) for a speculative --method, or (None, None) for ar."""
     if args.method == "ar":
         return None, None
-    from jaxspec.drafting import layer_skip
+    from jaxspec.drafting import default_skip_layers, layer_skip
     from jaxspec.models import load_model
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees import chain, load_tree
@@ -216,7 +216,7 @@ def build_spec(args, model):
         L = model.cfg.num_layers
         try:
             keep = (tuple(int(x) for x in args.draft_layers.split(",")) if args.draft_layers
-                    else tuple(range(0, L, 2)))  # fmt: skip
+                    else default_skip_layers(L))  # fmt: skip
         except ValueError:
             raise InputError(
                 f"--draft-layers must be comma-separated integers: {args.draft_layers!r}"

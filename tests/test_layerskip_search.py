@@ -29,3 +29,10 @@ def test_search_ranks_by_score_and_full_draft_accepts_everything():
     full = next(c for c in ranked if c.keep == (0, 1, 2, 3))
     assert full.acceptance_rate == 1.0 and full.tau == 4.0  # 16 decode tokens in 4 steps
     assert full.cost == 4 * 4 / 4 + 1
+
+
+def test_default_skip_band():
+    from jaxspec.drafting import default_skip_layers
+
+    assert default_skip_layers(30) == tuple(range(15)) + tuple(range(20, 30))
+    assert default_skip_layers(4) == (0, 1, 3)

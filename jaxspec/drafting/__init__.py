@@ -6,7 +6,14 @@ over the whole tree once per level (tokens not drawn yet are ignored through the
 plus once more so every node has draft KV, which the step commits like the target's.
 """
 
-from jaxspec.drafting.model import ModelDraft, layer_skip
+from jaxspec.drafting.model import ModelDraft, default_skip_layers, layer_skip
 from jaxspec.drafting.search import Candidate, default_candidates, search_layer_skip
 
-__all__ = ["Candidate", "ModelDraft", "default_candidates", "layer_skip", "search_layer_skip"]
+__all__ = [
+    "Candidate",
+    "ModelDraft",
+    "default_candidates",
+    "default_skip_layers",
+    "layer_skip",
+    "search_layer_skip",
+]

@@ -35,3 +35,10 @@ def layer_skip(
     idx = jnp.asarray(keep)
     layers = jax.tree_util.tree_map(lambda x: x[idx], params.layers)  # None leaves stay None
     return dataclasses.replace(cfg, num_layers=len(keep)), params.replace(layers=layers)
+
+
+def default_skip_layers(L: int) -> tuple[int, ...]:
+    """Default layer-skip draft: drop a contiguous band of round(L/6) layers starting at L/2 (the
+    best-scoring candidate of `scripts/search_layerskip.py` for SmolLM2: layers 15-19 of 30)."""
+    width = max(1, round(L / 6)) if L > 1 else 0
+    return tuple(i for i in range(L) if not L // 2 <= i < L // 2 + width) or (0,)
