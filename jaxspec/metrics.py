@@ -5,7 +5,11 @@ acceptance_rate: accepted drafted tokens / drafted tokens (None when nothing was
 per_depth_acceptance / per_rank_acceptance: speculative diagnostics (empty lists for AR).
 tokens_per_s: decode throughput = tokens emitted after each row's first ÷ decode seconds, summed
 over rows (aggregate over the batch). ttft_s: mean prefill time per batch (time to first token).
-draft_s / verify_s / other_s: decode time split. compile_s: compilation, never mixed into the rest.
+draft_s / verify_s / other_s: decode time split. The speculative step is one fused jitted
+function, so draft_s and verify_s are estimated: the draft phase and the verify forward are timed
+separately at the step's shapes (median of 3) and multiplied by the steps; other_s (accept walk,
+commit, loop) is the rest of decode_s. For AR, verify_s = decode_s.
+compile_s: compilation, never mixed into the rest.
 speedup_vs_ar: measured in the same process run against jaxspec's own AR path (None if not run).
 """
 

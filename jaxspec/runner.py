@@ -75,6 +75,7 @@ class Runner:
     def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None):
         self.params, self.cfg, self.spec, self.draft_params = params, cfg, spec, draft_params
         self._compiled: dict[tuple, tuple] = {}
+        self._profiled: set[tuple] = set()
 
     def _executables(self, B: int, P: int, out_len: int, chunk: int, args):
         key = (B, P, out_len, chunk)
@@ -98,6 +99,27 @@ class Runner:
             dec = dec.lower(*lead, state_shape, *tail).compile()
         self._compiled[key] = (pre, dec, lead)
         return self._compiled[key], time.perf_counter() - t0
+
+    def _phase_times(self, state, bucket, reps: int = 3) -> tuple[float, float, float]:
+        """Per-step seconds of the draft phase and of the verify forward, timed separately at the
+        step's shapes (the fused step cannot be split without host syncs); compile seconds."""
+        from jaxspec.speculative import draft_phase, verify_phase
+
+        t0 = time.perf_counter()
+        args = (self.params, self.draft_params, state, self.spec)
+        toks = jax.block_until_ready(draft_phase(*args))[0]
+        jax.block_until_ready(verify_phase(*args, toks))
+        compile_s = time.perf_counter() - t0 if bucket not in self._profiled else 0.0
+        self._profiled.add(bucket)
+        times = []
+        for fn, extra in ((draft_phase, ()), (verify_phase, (toks,))):
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                jax.block_until_ready(fn(*args, *extra))
+                ts.append(time.perf_counter() - t)
+            times.append(float(np.median(ts)))
+        return times[0], times[1], compile_s
 
     def run(self, prompts: list[list[int]], opts: GenerateOptions) -> tuple[list, Metrics]:
         opts.validate()
@@ -137,6 +159,10 @@ class Runner:
             m.target_steps += int(state.steps)
             m.new_tokens += int(n_out[:n].sum())
             if self.spec is not None:
+                t_draft, t_verify, c_s = self._phase_times(state, (B, P, out_len, chunk))
+                m.compile_s += c_s
+                m.draft_s += t_draft * int(state.steps)
+                m.verify_s += t_verify * int(state.steps)
                 live_steps += int(np.asarray(state.live_steps)[:n].sum())
                 accepted += int(np.asarray(state.accepted)[:n].sum())
                 h = np.asarray(state.accept_hist)[:n].sum(0)
@@ -145,7 +171,10 @@ class Runner:
         after_first = m.new_tokens - len(prompts)
         m.tokens_per_s = after_first / m.decode_s if m.decode_s > 0 else 0.0
         m.ttft_s = m.prefill_s / max(n_batches, 1)
-        m.verify_s = m.decode_s  # not split inside the jitted step yet (see Metrics)
+        if self.spec is None:
+            m.verify_s = m.decode_s  # an AR step is one target forward (+ sampling)
+        else:
+            m.other_s = max(0.0, m.decode_s - m.draft_s - m.verify_s)
         if self.spec is not None and live_steps:
             fill_spec_metrics(m, self.spec.tree.num_speculated, after_first, live_steps,
                               accepted, hist)  # fmt: skip

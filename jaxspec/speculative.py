@@ -288,6 +288,31 @@ def _spec_generate(params_t, params_d, prompts, prompt_lengths, key, sampling, m
     return _spec_decode(params_t, params_d, state, spec)
 
 
+def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
+    """The draft phase and the verify forward of one step, as two separate functions (for timing
+    the draft / verify split outside the fused step; same shapes, same work)."""
+    positions = state.cache.lengths[:, None] + jnp.asarray(spec.tree.depth)[None]
+    anc = jnp.asarray(spec.tree.ancestor_mask)[None]
+
+    def draft():
+        return _draft(params_d, spec, state, positions, state.rng)
+
+    def verify(toks):
+        return forward(params_t, spec.target, toks, positions, state.cache, anc)
+
+    return draft, verify
+
+
+def _draft_only(params_t, params_d, state, spec):
+    return _phases(params_t, params_d, state, spec)[0]()
+
+
+def _verify_only(params_t, params_d, state, spec, toks):
+    return _phases(params_t, params_d, state, spec)[1](toks)
+
+
+draft_phase = jax.jit(_draft_only, static_argnums=(3,))
+verify_phase = jax.jit(_verify_only, static_argnums=(3,))
 spec_step = jax.jit(_spec_step, static_argnums=(3,), donate_argnums=(2,))
 spec_decode = jax.jit(_spec_decode, static_argnums=(3,), donate_argnums=(2,))
 spec_prefill_jit = jax.jit(spec_prefill, static_argnames=("spec", "max_new_tokens", "chunk"))

@@ -114,6 +114,9 @@ def test_speculative_methods_equal_ar_on_smollm2(smollm2, capsys):
         assert m["method"] == method[0] and m["tau"] >= 1.0
         if method[0] != "ar":
             assert 0.0 <= m["acceptance_rate"] <= 1.0 and len(m["per_depth_acceptance"]) >= 3
+            assert m["draft_s"] > 0 and m["verify_s"] > 0 and m["other_s"] >= 0
+            split = m["draft_s"] + m["verify_s"] + m["other_s"]
+            assert split >= m["decode_s"] * 0.999  # other_s is clipped at 0 if overestimated
     assert outs["chain"] == outs["ar"] and outs["tree"] == outs["ar"]
 
 
