@@ -32,6 +32,26 @@ def _add_common(p: argparse.ArgumentParser, default=False):
     p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
 
 
+def _add_decoding_args(
+    p: argparse.ArgumentParser, batch_size: int, gamma_help: str, tree_help: str
+):
+    """Draft, tree, verifier and sampling options shared by `generate` and `bench`."""
+    p.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
+    p.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    p.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
+                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
+    p.add_argument("--gamma", type=int, default=4, help=gamma_help)
+    p.add_argument("--tree", default="kary_2x3", help=tree_help)
+    p.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jaxspec.models import DEFAULT_MODEL
 
@@ -46,20 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", type=Path, help="JSONL: 'prompt' or 'turns' per line")
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--method", default="ar", choices=METHODS, help="ar, or speculative")
-    g.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
-    g.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
-    g.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
-                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
-    g.add_argument("--gamma", type=int, default=4, help="chain length for --method chain")
-    g.add_argument("--tree", default="kary_2x3", help="tree name in configs/trees or a TOML file")
-    g.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
-    g.add_argument("--max-new-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_decoding_args(g, batch_size=8, gamma_help="chain length for --method chain",
+                       tree_help="tree name in configs/trees or a TOML file")  # fmt: skip
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(g, argparse.SUPPRESS)
 
@@ -79,20 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep MT-bench's 8 sub-categories (default: grouped as mt_bench, as "
                    "Spec-Bench reports them)")  # fmt: skip
     b.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    b.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
-    b.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
-    b.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
-                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
-    b.add_argument("--gamma", type=int, default=4, help="chain length for a plain 'chain'")
-    b.add_argument("--tree", default="kary_2x3", help="tree for a plain 'tree'")
-    b.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    b.add_argument("--top-p", type=float, default=1.0)
-    b.add_argument("--top-k", type=int, default=0, help="0 = off")
-    b.add_argument("--batch-size", type=int, default=1)
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_decoding_args(b, batch_size=1, gamma_help="chain length for a plain 'chain'",
+                       tree_help="tree for a plain 'tree'")  # fmt: skip
     b.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
     b.add_argument(
         "--out-md",

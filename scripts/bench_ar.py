@@ -127,23 +127,16 @@ def load_prompts(path: Path, n: int) -> tuple[list[tuple[str, str]], int]:
 
 
 def machine_info() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    from jaxspec.bench import machine_info as info
+
+    m = info()
     mem = ""
     try:
         kb = int(Path("/proc/meminfo").read_text().split()[1])
         mem = f", {kb / 2**20:.0f} GiB RAM"
     except (OSError, ValueError, IndexError):
         pass
-    return f"{model}, {cores} logical cores ({usable} usable){mem}"
+    return f"{m['cpu']}, {m['cores']} logical cores ({m['usable_cores']} usable){mem}"
 
 
 def cpu_busy(seconds: float = 2.0) -> str:
