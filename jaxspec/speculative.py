@@ -30,10 +30,10 @@ from flax import struct
 
 from jaxspec.config import ModelConfig
 from jaxspec.errors import ConfigError
-from jaxspec.generate import is_eos, prefill_cache
 from jaxspec.kv_cache import KVCache
 from jaxspec.model import forward, lm_head
 from jaxspec.model.params import Params
+from jaxspec.prefill import is_eos, prefill_cache
 from jaxspec.sampling import SamplingParams, probs, process_logits, sample
 from jaxspec.trees import TreeSpec
 from jaxspec.types import Array, Bool, Int, PRNGKeyArray
@@ -69,7 +69,7 @@ class SpecState:
     done: Bool[Array, " B"]
     max_new: Int[Array, " B"]
     cache: KVCache  # target
-    draft_cache: KVCache  # draft; same lengths as the target's
+    draft_cache: KVCache | None  # draft; same lengths as the target's (None: no draft, N = 0)
     sampling: SamplingParams
     rng: PRNGKeyArray
     steps: Int[Array, ""]  # target forward passes since prefill
@@ -191,8 +191,11 @@ def _spec_step(params_t: Params, params_d: Params, state: SpecState, spec: SpecC
     rng, k_draft, k_walk = jax.random.split(state.rng, 3)
     positions = state.cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
     anc = jnp.asarray(tree.ancestor_mask)[None]
-    # 1. draft
-    toks, zq, dcache = _draft(params_d, spec, state, positions, k_draft)
+    # 1. draft (nothing to draft for the root-only tree: plain autoregressive decoding)
+    if tree.num_speculated:
+        toks, zq, dcache = _draft(params_d, spec, state, positions, k_draft)
+    else:
+        toks, zq, dcache = state.root[:, None], None, None
     # 2. verify: one target forward over the whole tree
     logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
     # 3. accept
@@ -216,7 +219,8 @@ def _spec_step(params_t: Params, params_d: Params, state: SpecState, spec: SpecC
     # emitted token but the last (the next root), so truncated rows commit only `count` rows
     idx = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), path[:, :D]], axis=1)
     cache = _commit_cache(cache, idx, count)
-    dcache = _commit_cache(dcache, idx, count)
+    if dcache is not None:
+        dcache = _commit_cache(dcache, idx, count)
     return state.replace(
         tokens=tokens,
         n_out=n_out,
@@ -250,7 +254,9 @@ def spec_prefill(
     slots = P + max_new_tokens + spec.tree.num_nodes
     lengths = prompt_lengths.astype(jnp.int32)
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
-    dcache, _ = prefill_cache(params_d, spec.draft, prompts, lengths, slots=slots, chunk=chunk)
+    dcache = None
+    if spec.tree.num_speculated:
+        dcache, _ = prefill_cache(params_d, spec.draft, prompts, lengths, slots=slots, chunk=chunk)
     key, sub = jax.random.split(key)
     first = sample(lm_head(params_t, last_h[:, None])[:, 0], sampling, sub)
     max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)

@@ -1,0 +1,55 @@
+"""Chunked dense prefill of ragged prompts into a KV cache, and the EOS test shared by decoding.
+
+Prompts are right-padded to P (a multiple of the chunk C); a `fori_loop` feeds C tokens of every
+row per iteration, and each row advances its cache length by its own count, so padding never
+enters the cache. Returns the cache and each row's final hidden state of its last prompt token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.config import ModelConfig
+from jaxspec.kv_cache import KVCache, advance, init_cache
+from jaxspec.model import forward_hidden
+from jaxspec.model.params import Params
+from jaxspec.types import Array, Bool, Float, Int
+
+
+def is_eos(tok: Int[Array, "*B"], cfg: ModelConfig) -> Bool[Array, "*B"]:
+    hit = jnp.zeros(tok.shape, bool)
+    for e in cfg.eos_token_ids:
+        hit |= tok == e
+    return hit
+
+
+def prefill_cache(
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Int[Array, "B P"],
+    prompt_lengths: Int[Array, " B"],
+    *,
+    slots: int,
+    chunk: int,
+) -> tuple[KVCache, Float[Array, "B M"]]:
+    """A cache of `slots` slots holding each row's prompt (lengths = prompt_lengths), and the
+    final hidden state of each row's last prompt token."""
+    B, P = prompts.shape
+    if P % chunk:
+        raise ValueError(f"padded prompt length {P} is not a multiple of the chunk {chunk}")
+    cache = init_cache(cfg, B, slots, params.embed.dtype)
+
+    def body(c, carry):
+        cache, last_h = carry
+        toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        n_valid = jnp.clip(prompt_lengths - c * chunk, 0, chunk)
+        positions = cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+        h, cache = forward_hidden(params, cfg, toks, positions, cache)
+        ends_here = (n_valid > 0) & (prompt_lengths <= (c + 1) * chunk)
+        h_last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+        last_h = jnp.where(ends_here[:, None], h_last, last_h)
+        return advance(cache, n_valid), last_h
+
+    last_h = jnp.zeros((B, cfg.hidden_size), params.embed.dtype)
+    return jax.lax.fori_loop(0, P // chunk, body, (cache, last_h))
