@@ -126,3 +126,19 @@ def test_speculative_option_errors(capsys):
     code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--method", "tree", "--tree",
                            "no_such_tree")  # fmt: skip
     assert code == 2 and "no_such_tree" in err
+
+
+def test_model_drafter_equal_to_target_accepts_everything(smollm2, capsys):
+    """--drafter model with the target itself as the draft checkpoint: every draft is accepted."""
+    code, out, _ = run_cli(capsys, "generate", "--prompt", "Count from one to ten.",
+                           "--max-new-tokens", "16", "--method", "chain", "--gamma", "3",
+                           "--drafter", "model", "--draft", "smollm2-135m", "--json")  # fmt: skip
+    assert code == 0
+    m = json.loads(out)["metrics"]
+    assert m["acceptance_rate"] == 1.0 and m["tau"] > 3.0
+
+
+def test_model_drafter_needs_a_draft(capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--method", "chain",
+                           "--drafter", "model")  # fmt: skip
+    assert code == 2 and "--draft" in err
