@@ -317,16 +317,17 @@ def report_markdown(report: dict, results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str):
-    """Replace the text between the bench markers in `path` (or append it; create the file)."""
-    block = f"{START}\n{section.rstrip()}\n{END}\n"
+def write_section(path: Path, section: str, start: str = START, end: str = END):
+    """Replace the text between the `start`/`end` markers in `path` (or append it; create the
+    file with a `# jaxspec benchmarks` header). Shared by every benchmark script."""
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
     try:
         text = path.read_text() if path.is_file() else "# jaxspec benchmarks\n\n"
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{path}: cannot read ({e.__class__.__name__}: {e})") from None
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + block + (("\n" + tail) if tail else "")
     else:
         text = text.rstrip("\n") + "\n\n" + block

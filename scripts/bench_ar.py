@@ -435,18 +435,9 @@ def build_report(args, info: dict, results: list[Result], bw: dict, param_bytes:
 
 
 def write_section(path: Path, section: str):
-    block = f"{START}\n{section}{END}\n"
-    text = path.read_text() if path.is_file() else "# jaxspec benchmarks\n\n"
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        tail = rest.split(END, 1)[1].lstrip("\n")
-        text = head + block + (("\n" + tail) if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    from jaxspec.bench import write_section as write
+
+    write(path, section, START, END)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out_md:
-        _write_section(args.out_md, text)
+        from jaxspec.bench import write_section
+
+        write_section(args.out_md, text, START, END)
     return 0
 
 
@@ -85,16 +87,6 @@ def _ranges(keep) -> str:
             out.append(f"{start}" if start == a else f"{start}–{a}")
             start = b
     return ", ".join(out)
-
-
-def _write_section(path: Path, text: str) -> None:
-    old = path.read_text() if path.exists() else "# jaxspec benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    if START in old and END in old:
-        new = old[: old.index(START)] + block + old[old.index(END) + len(END) :]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(new)
 
 
 if __name__ == "__main__":
