@@ -1,7 +1,9 @@
 """`jaxspec bench`: every method on the same prompts in one process, speedups against its AR run.
 
 Methods (`--methods`, a comma list): `ar`, `chain` (γ = `--gamma`), `chain:G`, `tree` (`--tree`),
-`tree:NAME|FILE`. AR always runs, first: every `speedup_vs_ar` is relative to it.
+`tree:NAME|FILE`, `sssd` (n-gram drafts from each row's own prompt and output; N speculated
+tokens = `--draft-tokens`), `sssd:N`, `sssd-ds`, `sssd-ds:N` (also from `--datastore`). AR always
+runs, first: every `speedup_vs_ar` is relative to it.
 
 Per method: one `Runner` (its compiled executables are reused across calls); a warm-up run on the
 first batch of prompts (compiles that bucket); then each category's prompts as one timed
@@ -44,7 +46,7 @@ MT_BENCH = frozenset(
     ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 )
 UNCATEGORIZED = "uncategorized"
-METHOD_FORMS = "ar, chain, chain:G, tree, tree:NAME"
+METHOD_FORMS = "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N, sssd-ds, sssd-ds:N"
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -56,6 +58,8 @@ class MethodSpec:
     method: str  # ar | chain | tree
     gamma: int | None = None
     tree: str | None = None
+    draft_tokens: int | None = None  # sssd: None = --draft-tokens
+    datastore: bool = False  # sssd-ds: drafts from --datastore too
 
 
 def parse_methods(text: str, gamma: int = 4, tree: str = "kary_2x3") -> list[MethodSpec]:
@@ -88,6 +92,18 @@ def parse_methods(text: str, gamma: int = 4, tree: str = "kary_2x3") -> list[Met
             name = arg if sep else tree
             load_tree(name)  # unknown tree / bad file → a clear error before any model load
             m = MethodSpec(f"tree:{name}", "tree", tree=name)
+        elif kind in ("sssd", "sssd-ds"):
+            n = None
+            if sep:
+                try:
+                    n = int(arg)
+                except ValueError:
+                    raise InputError(
+                        f"--methods: {item!r}: draft tokens must be an integer"
+                    ) from None
+                if n < 1:
+                    raise InputError(f"--methods: {item!r}: draft tokens must be >= 1, got {n}")
+            m = MethodSpec(item, "sssd", draft_tokens=n, datastore=kind == "sssd-ds")
         else:
             raise InputError(f"--methods: unknown method {item!r} (expected {METHOD_FORMS})")
         if any(o.name == m.name for o in out):
@@ -132,7 +148,9 @@ def spec_namespace(args, m: MethodSpec) -> argparse.Namespace:
         method=m.method, gamma=m.gamma or args.gamma, tree=m.tree or args.tree,
         verifier=args.verifier, drafter=args.drafter, draft=args.draft,
         draft_layers=args.draft_layers, temperature=args.temperature, dtype=args.dtype,
-        json=False,
+        json=False, batch_size=args.batch_size,
+        draft_tokens=m.draft_tokens if m.draft_tokens is not None else args.draft_tokens,
+        datastore=args.datastore if m.datastore else None,
     )  # fmt: skip
 
 
@@ -200,6 +218,13 @@ def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: li
     for m in methods:
         spec, draft_params = build_spec(spec_namespace(args, m), model)
         runner = Runner(model.params, model.cfg, spec, draft_params)
+        if m.method == "sssd":
+            ng = spec.ngram if spec is not None else None
+            what = "the auto rule predicts no gain: autoregressive"
+            if ng is not None:
+                what = f"{ng.num_nodes} draft tokens, depth <= {ng.max_depth}"
+                what += ", with datastore" if draft_params is not None else ""
+            log(f"{m.name}: {what}")
         _, wm = runner.run(warm, opts)
         log(f"{m.name}: warm-up on {plural(len(warm), 'prompt')}, compile {wm.compile_s:.1f} s")
         outputs: list[list[int] | None] = [None] * len(ids)
@@ -369,8 +394,15 @@ def cmd_bench(args) -> int:
         raise InputError(
             "--verifier greedy needs --temperature 0 (use swor/rrs/spechub/point_mass)"
         )
-    if args.drafter == "model" and not args.draft and len(methods) > 1:
+    model_drafted = [m for m in methods if m.method in ("chain", "tree")]
+    if args.drafter == "model" and not args.draft and model_drafted:
         raise InputError("--drafter model needs --draft NAME|DIR")
+    if any(m.datastore for m in methods) and args.datastore is None:
+        raise InputError("sssd-ds needs --datastore DIR (build one with `jaxspec datastore build`)")
+    if any(m.method == "sssd" for m in methods):
+        from jaxspec.cli import check_sssd_args
+
+        check_sssd_args(args)
     for p in (args.json, args.out_md):
         if p is not None and p.is_dir():
             raise InputError(f"{p}: is a directory, expected a file path")
@@ -420,12 +452,16 @@ def cmd_bench(args) -> int:
             "draft_layers": args.draft_layers or "default (a band of L/6 layers skipped)",
             "gamma": args.gamma,
             "tree": args.tree,
+            "datastore": None if args.datastore is None else str(args.datastore),
+            "draft_tokens": args.draft_tokens,
         },
         "methods": {
             name: {
                 "method": r["spec"].method,
                 "gamma": r["spec"].gamma,
                 "tree": r["spec"].tree,
+                "draft_tokens": r["spec"].draft_tokens,
+                "datastore": r["spec"].datastore,
                 "overall": metrics_dict(r["overall"]),
                 "per_category": {
                     (c or UNCATEGORIZED): metrics_dict(m) for c, m in r["per_category"].items()

@@ -1,7 +1,8 @@
 """The `jaxspec` command.
 
   jaxspec generate [--model NAME|DIR] [--prompt TEXT ... | --prompts-file JSONL] [--no-chat]
-                   [--method ar|chain|tree] [--drafter layerskip|model] [--draft DIR]
+                   [--method ar|chain|tree|sssd] [--drafter layerskip|model] [--draft DIR]
+                   [--datastore DIR] [--draft-tokens N|auto]
                    [--draft-layers I,J,...] [--gamma K] [--tree NAME|FILE]
                    [--verifier greedy|swor|rrs|spechub|point_mass]
                    [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
@@ -10,6 +11,13 @@
                 [--limit N] [--per-category N] [--raw-categories] [--json OUT] [--out-md FILE]
                 [the generate options above, --batch-size defaulting to 1]
   jaxspec convert (--hf DIR | --gguf FILE) --out DIR [--dtype ...]
+  jaxspec datastore build --corpus PATH [PATH ...] --out DIR [--model NAME|DIR] [--field F]
+                          [--exclude GLOB ...] [--overwrite]
+  jaxspec datastore info DIR
+  jaxspec profile acceptance --prompts-file JSONL [--width W] [--temperature T] [--top-p P]
+                             [--drafter ... --draft ... --draft-layers ...] [--out FILE]
+  jaxspec profile device [--batches 1,8] [--contexts 256,1024] [--tokens 1,2,4,...,128]
+                         [--drafter layerskip|model|none ...] [--reps R] [--out FILE]
 
 User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
 """
@@ -23,7 +31,7 @@ from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError
 
-METHODS = ("ar", "chain", "tree")
+METHODS = ("ar", "chain", "tree", "sssd")
 VERIFIERS = ("greedy", "swor", "rrs", "spechub", "point_mass")
 
 
@@ -40,9 +48,16 @@ def _add_decoding_args(
     p.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
     p.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
                    "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
+    p.add_argument("--datastore", type=Path, metavar="DIR",
+                   help="sssd: token datastore (jaxspec datastore build) drafted from besides "
+                   "the row's own prompt and output")  # fmt: skip
+    p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
+                   help="sssd: speculated tokens per row and step; auto = SSSD's batch-aware "
+                   "rule from this device's measured FLOP/byte ratio")  # fmt: skip
     p.add_argument("--gamma", type=int, default=4, help=gamma_help)
     p.add_argument("--tree", default="kary_2x3", help=tree_help)
-    p.add_argument("--verifier", choices=VERIFIERS, help="default: greedy at T=0, else swor")
+    p.add_argument("--verifier", choices=VERIFIERS,
+                   help="default: greedy at T=0, else swor (point_mass for sssd)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -77,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="ar,chain,tree",
         help="comma list of ar, chain (uses --gamma), chain:G, tree (uses --tree), "
-        "tree:NAME|FILE; ar is always run (first): speedups are relative to it",
+        "tree:NAME|FILE, sssd, sssd:N, sssd-ds, sssd-ds:N (sssd-ds: with --datastore); ar is "
+        "always run (first): speedups are relative to it",
     )
     b.add_argument("--prompts-file", type=Path, required=True,
                    help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
@@ -105,6 +121,65 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_common(c, argparse.SUPPRESS)
+
+    d = sub.add_parser("datastore", help="SSSD token datastores")
+    dsub = d.add_subparsers(dest="datastore_command", required=True)
+    db = dsub.add_parser("build", help="tokenize a corpus into a datastore directory")
+    db.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
+                    help="a .jsonl file (one document per line), a directory (its *.py, *.txt, "
+                    "*.md files) or any text file (one document)")  # fmt: skip
+    db.add_argument("--out", type=Path, required=True, metavar="DIR")
+    db.add_argument("--model", default=DEFAULT_MODEL,
+                    help="registered name or checkpoint dir whose tokenizer to use")  # fmt: skip
+    db.add_argument("--field", default="text", help="the text field of .jsonl records")
+    db.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                    help="in directories, skip files/dirs whose name or relative path matches "
+                    "(repeatable), e.g. --exclude test --exclude site-packages")  # fmt: skip
+    db.add_argument("--overwrite", action="store_true", help="replace an existing datastore")
+    _add_common(db, argparse.SUPPRESS)
+    di = dsub.add_parser("info", help="print a datastore's meta.json")
+    di.add_argument("dir", type=Path)
+    _add_common(di, argparse.SUPPRESS)
+    _add_common(d, argparse.SUPPRESS)
+
+    pr = sub.add_parser("profile", help="measure acceptance vectors (Sequoia)")
+    psub = pr.add_subparsers(dest="profile_command", required=True)
+    pa = psub.add_parser("acceptance", help="positional acceptance vector from one-level trees")
+    pa.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
+    pa.add_argument("--prompts-file", type=Path, required=True,
+                    help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
+    pa.add_argument("--per-category", type=int, help="use up to N prompts per category")
+    pa.add_argument("--limit", type=int, help="use the first N prompts")
+    pa.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    pa.add_argument("--width", type=int, default=8, help="children of the root per step (W)")
+    pa.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
+    pa.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    pa.add_argument("--draft-layers", help="layer-skip draft: target layers kept")
+    pa.add_argument("--max-new-tokens", type=int, default=64)
+    pa.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (top-W draft)")
+    pa.add_argument("--top-p", type=float, default=1.0)
+    pa.add_argument("--top-k", type=int, default=0, help="0 = off")
+    pa.add_argument("--batch-size", type=int, default=1)
+    pa.add_argument("--seed", type=int, default=0)
+    pa.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    pa.add_argument("--out", type=Path,
+                    help="default: configs/profiles/<target>__<draft>__T<temp>.toml")  # fmt: skip
+    _add_common(pa, argparse.SUPPRESS)
+    pd = psub.add_parser("device", help="time the target (and draft) forward per bucket")
+    pd.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
+    pd.add_argument("--batches", default="1,8", help="batch buckets (comma list)")
+    pd.add_argument("--contexts", default="256,1024", help="context buckets (committed tokens)")
+    pd.add_argument("--tokens", default="1,2,4,8,16,32,64,128",
+                    help="in-flight tokens per row, n (comma list)")  # fmt: skip
+    pd.add_argument("--drafter", default="layerskip", choices=("layerskip", "model", "none"))
+    pd.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    pd.add_argument("--draft-layers", help="layer-skip draft: target layers kept")
+    pd.add_argument("--reps", type=int, default=3, help="timed runs per point (median)")
+    pd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    pd.add_argument("--out", type=Path,
+                    help="default: configs/profiles/device__<device>__<model>.toml")  # fmt: skip
+    _add_common(pd, argparse.SUPPRESS)
+    _add_common(pr, argparse.SUPPRESS)
     return parser
 
 
@@ -115,20 +190,10 @@ def read_prompts_file(path: Path) -> list[str]:
 def read_prompt_records(path: Path) -> list[tuple[str, dict]]:
     """(prompt text, the whole JSON record) per non-blank line: 'prompt', else the first of
     'turns'."""
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(
-            f"{path}: cannot read prompts file ({e.__class__.__name__}: {e})"
-        ) from None
+    from jaxspec.fsutil import iter_jsonl
+
     prompts = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in iter_jsonl(path, "prompts file"):
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str):
             prompts.append((rec["prompt"], rec))
         elif isinstance(rec, dict) and rec.get("turns") and isinstance(rec["turns"][0], str):
@@ -159,6 +224,8 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
     )
     opts.validate()  # before the (slow) model load
+    if args.method == "sssd":
+        check_sssd_args(args)
     model = load_model(args.model, args.dtype, progress=not args.json)
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
@@ -190,8 +257,8 @@ def build_spec(args, model):
     """(SpecConfig, draft params) for a speculative --method, or (None, None) for ar."""
     if args.method == "ar":
         return None, None
-    from jaxspec.drafting import default_skip_layers, layer_skip
-    from jaxspec.models import load_model
+    if args.method == "sssd":
+        return build_sssd(args, model)
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees import chain, load_tree
 
@@ -203,22 +270,194 @@ def build_spec(args, model):
         raise InputError(
             "--verifier greedy needs --temperature 0 (use swor/rrs/spechub/point_mass)"
         )
+    dcfg, dparams, _ = build_draft(args, model)
+    return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
+
+
+def build_draft(args, model):
+    """(draft config, draft params, a short draft name) from --drafter/--draft/--draft-layers."""
+    from jaxspec.drafting import default_skip_layers, layer_skip
+    from jaxspec.models import load_model
+
     if args.drafter == "model":
         if not args.draft:
             raise InputError("--drafter model needs --draft NAME|DIR")
         draft = load_model(args.draft, args.dtype, progress=not args.json)
-        dcfg, dparams = draft.cfg, draft.params
-    else:
-        L = model.cfg.num_layers
-        try:
-            keep = (tuple(int(x) for x in args.draft_layers.split(",")) if args.draft_layers
-                    else default_skip_layers(L))  # fmt: skip
-        except ValueError:
-            raise InputError(
-                f"--draft-layers must be comma-separated integers: {args.draft_layers!r}"
-            ) from None
-        dcfg, dparams = layer_skip(model.params, model.cfg, keep)
-    return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
+        return draft.cfg, draft.params, Path(str(draft.name)).name
+    from jaxspec.profiling import layerskip_name
+
+    L = model.cfg.num_layers
+    try:
+        keep = (tuple(int(x) for x in args.draft_layers.split(",")) if args.draft_layers
+                else default_skip_layers(L))  # fmt: skip
+    except ValueError:
+        raise InputError(
+            f"--draft-layers must be comma-separated integers: {args.draft_layers!r}"
+        ) from None
+    dcfg, dparams = layer_skip(model.params, model.cfg, keep)
+    return dcfg, dparams, layerskip_name(tuple(sorted(keep)))
+
+
+def parse_draft_tokens(text) -> int | None:
+    """--draft-tokens: an integer >= 1, or None for `auto`."""
+    if text is None or str(text) == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise InputError(f"--draft-tokens must be an integer or 'auto', got {text!r}") from None
+    if n < 1:
+        raise InputError(f"--draft-tokens must be >= 1, got {n}")
+    return n
+
+
+def check_sssd_args(args) -> None:
+    """Every sssd option check that needs no model (run before loading one)."""
+    parse_draft_tokens(args.draft_tokens)
+    if args.verifier not in (None, "greedy", "point_mass"):
+        raise InputError(
+            f"--method sssd drafts deterministic tokens: use --verifier greedy (T = 0) or "
+            f"point_mass, not {args.verifier}"
+        )
+    if args.verifier == "greedy" and args.temperature > 0:
+        raise InputError("--verifier greedy needs --temperature 0 (use point_mass)")
+    if args.datastore is not None:
+        from jaxspec.drafting.datastore import read_meta
+
+        read_meta(args.datastore)  # a bad path or version fails before the model load
+
+
+def sssd_ngram(draft_tokens: int | None, batch_size: int, dtype: str):
+    """The n-gram drafter's config: N given, or SSSD's rule s(b) for this device (None = the rule
+    predicts no gain: decode autoregressively)."""
+    from jaxspec.drafting import NgramConfig
+    from jaxspec.hardware import measure_roofline, speculation_length, tree_depth
+
+    if draft_tokens is None:
+        b = 1 << max(batch_size - 1, 0).bit_length()  # the batch bucket (power of two)
+        s = speculation_length(b, measure_roofline(dtype).knee_tokens)
+        if s <= 1:
+            return None
+        draft_tokens = s - 1
+    return NgramConfig(num_nodes=draft_tokens, branch_length=max(tree_depth(draft_tokens + 1), 1))
+
+
+def build_sssd(args, model):
+    """(SpecConfig, datastore or None) for --method sssd; (None, None) when `auto` picks AR."""
+    from jaxspec.drafting.datastore import load_datastore
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import chain
+
+    check_sssd_args(args)
+    verifier = args.verifier or ("greedy" if args.temperature == 0 else "point_mass")
+    ngram = sssd_ngram(parse_draft_tokens(args.draft_tokens), args.batch_size, args.dtype)
+    ds = None
+    if args.datastore is not None:
+        vocab = model.tokenizer.vocab_size if model.tokenizer is not None else None
+        ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
+    if ngram is None:
+        return None, None
+    return SpecConfig(model.cfg, model.cfg, chain(0), verifier, ngram=ngram), ds
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise InputError(f"{flag} needs integers >= 1, got {text!r}")
+    return sorted(set(vals))
+
+
+def cmd_profile_device(args) -> int:
+    import shlex
+
+    import jax
+
+    from jaxspec.hardware import measure_roofline
+    from jaxspec.models import load_model
+    from jaxspec.profiling import PROFILE_DIR, profile_device, write_device_profile
+
+    batches = _int_list(args.batches, "--batches")
+    contexts = _int_list(args.contexts, "--contexts")
+    tokens = _int_list(args.tokens, "--tokens")
+    if args.reps < 1:
+        raise InputError(f"--reps must be >= 1, got {args.reps}")
+    if args.drafter == "model" and not args.draft:
+        raise InputError("--drafter model needs --draft NAME|DIR")
+    args.json = False
+    model = load_model(args.model, args.dtype, progress=True)
+    longest = max(contexts) + max(tokens)
+    if longest > model.cfg.max_position_embeddings:
+        raise InputError(f"context {max(contexts)} + {max(tokens)} tokens exceeds the model's "
+                         f"{model.cfg.max_position_embeddings} positions")  # fmt: skip
+    draft, dname = None, None
+    if args.drafter != "none":
+        dcfg, dparams, dname = build_draft(args, model)
+        draft = (dcfg, dparams)
+    table = profile_device(model.params, model.cfg, batches, contexts, tokens, draft, args.reps)
+    roof = measure_roofline(args.dtype)
+    dev = jax.devices()[0]
+    device = f"{dev.platform}-{dev.device_kind}".replace(" ", "_").replace("/", "_")
+    mname = Path(str(model.name)).name
+    out = args.out or PROFILE_DIR / f"device__{device}__{mname}.toml"
+    meta = {"model": str(model.name), "draft": dname, "device": roof.device,
+            "dtype": args.dtype, "jax_version": jax.__version__,
+            "flops_per_s": roof.flops_per_s, "bytes_per_s": roof.bytes_per_s,
+            "command": shlex.join(["jaxspec", *args.argv])}  # fmt: skip
+    write_device_profile(out, table, meta)
+    t = table["target_s"]
+    print(f"target t(b={batches[0]}, ctx={contexts[0]}, n): "
+          + ", ".join(f"{n}: {t[0][0][i] * 1e3:.1f} ms" for i, n in enumerate(tokens))
+          + f" -> {out}")  # fmt: skip
+    return 0
+
+
+def cmd_profile(args) -> int:
+    import shlex
+
+    if args.profile_command == "device":
+        return cmd_profile_device(args)
+
+    from jaxspec.bench import select_prompts
+    from jaxspec.models import load_model
+    from jaxspec.profiling import PROFILE_DIR, profile_acceptance, profile_name, write_profile
+    from jaxspec.runner import GenerateOptions
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import kary
+
+    if args.width < 1:
+        raise InputError(f"--width must be >= 1, got {args.width}")
+    prompts = select_prompts(read_prompt_records(args.prompts_file), args.limit,
+                             args.per_category)  # fmt: skip
+    opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                           batch_size=args.batch_size)  # fmt: skip
+    opts.validate()
+    if args.drafter == "model" and not args.draft:
+        raise InputError("--drafter model needs --draft NAME|DIR")
+    args.json = False
+    model = load_model(args.model, args.dtype, progress=True)
+    if model.tokenizer is None:
+        raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
+    ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t, _ in prompts]
+    dcfg, dparams, dname = build_draft(args, model)
+    verifier = "greedy" if args.temperature == 0 else "swor"
+    spec = SpecConfig(model.cfg, dcfg, kary(args.width, 1), verifier)
+    prof = profile_acceptance(model, spec, dparams, ids, opts)
+    name = profile_name(Path(str(model.name)).name, dname, args.temperature)
+    out = args.out or PROFILE_DIR / f"{name}.toml"
+    meta = {"target": str(model.name), "draft": dname, "temperature": args.temperature,
+            "top_p": args.top_p, "top_k": args.top_k, "width": args.width,
+            "verifier": verifier, "prompts_file": str(args.prompts_file),
+            "max_new_tokens": args.max_new_tokens,
+            "command": shlex.join(["jaxspec", *args.argv])}  # fmt: skip
+    write_profile(out, prof, meta)
+    ps = ", ".join(f"{x:.3f}" for x in prof["p"])
+    print(f"p = [{ps}], none = {prof['none']:.3f} over {prof['steps']} steps "
+          f"({prof['prompts']} prompts) -> {out}")  # fmt: skip
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -243,10 +482,55 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_datastore(args) -> int:
+    import shlex
+    import time
+
+    from jaxspec.drafting import datastore as dstore
+
+    if args.datastore_command == "info":
+        _, _, meta = dstore.load_datastore_np(args.dir)  # checks the files against the meta
+        print(json.dumps(meta, indent=2, ensure_ascii=False))
+        print(f"[{dstore.disk_size(args.dir) / 2**20:.1f} MiB on disk]", file=sys.stderr)
+        return 0
+    from jaxspec.errors import CheckpointError
+    from jaxspec.models import REGISTRY, ensure_hf
+    from jaxspec.tokenizer import Tokenizer
+
+    docs = dstore.read_corpus(args.corpus, field=args.field, exclude=args.exclude)
+    t0 = time.perf_counter()
+    if args.model in REGISTRY:  # only the tokenizer is needed: the HF dir, params not loaded
+        path, name = ensure_hf(args.model), args.model
+    elif Path(args.model).is_dir():
+        path = Path(args.model)
+        name = str(path.resolve())
+    else:
+        raise CheckpointError(
+            f"{args.model}: no such model directory and not a known model "
+            f"(known: {', '.join(sorted(REGISTRY))})"
+        )
+    meta = dstore.build_datastore(
+        (text for _, text in docs),
+        args.out,
+        Tokenizer.from_dir(path),
+        corpus_names=args.corpus,
+        tokenizer_name=name,
+        command=shlex.join(["jaxspec", *args.argv]),
+        overwrite=args.overwrite,
+    )
+    secs = time.perf_counter() - t0
+    print(
+        f"wrote {args.out}: {meta['num_tokens']:,} tokens, {meta['num_documents']:,} documents, "
+        f"{secs:.1f}s, {dstore.disk_size(args.out) / 2**20:.1f} MiB"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
-    commands = {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert}
+    commands = {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert,
+                "datastore": cmd_datastore, "profile": cmd_profile}  # fmt: skip
     try:
         return commands[args.command](args)
     except JaxspecError as e:

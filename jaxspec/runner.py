@@ -136,7 +136,7 @@ class Runner:
         outputs: list[list[int]] = []
         out_len = -(-opts.max_new_tokens // 32) * 32
         key = jax.random.key(opts.seed)
-        n_batches, live_steps, accepted, hist = 0, 0, 0, None
+        n_batches, live_steps, accepted, hist, ranks = 0, 0, 0, None, None
         for start in range(0, len(prompts), opts.batch_size):
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
@@ -175,6 +175,8 @@ class Runner:
                 accepted += int(np.asarray(state.accepted)[:n].sum())
                 h = np.asarray(state.accept_hist)[:n].sum(0)
                 hist = h if hist is None else hist + h
+                r = np.asarray(state.rank_hist)[:n].sum(0)
+                ranks = r if ranks is None else ranks + r
             n_batches += 1
         after_first = m.new_tokens - len(prompts)
         m.tokens_per_s = after_first / m.decode_s if m.decode_s > 0 else 0.0
@@ -183,16 +185,20 @@ class Runner:
             m.verify_s = m.decode_s  # an AR step is one target forward (+ sampling)
         else:
             m.other_s = max(0.0, m.decode_s - m.draft_s - m.verify_s)
+        self.last_rank_hist = ranks  # summed over the prompts of this run (None for AR)
         if self.spec is not None and live_steps:
-            fill_spec_metrics(m, self.spec.tree.num_speculated, after_first, live_steps,
-                              accepted, hist)  # fmt: skip
+            fill_spec_metrics(m, self.spec.num_speculated, after_first, live_steps,
+                              accepted, hist, ranks)  # fmt: skip
         return outputs, m
 
 
 def fill_spec_metrics(m: Metrics, n_drafted: int, emitted: int, live_steps: int, accepted: int,
-                      hist: np.ndarray) -> None:  # fmt: skip
+                      hist: np.ndarray, ranks: np.ndarray | None = None) -> None:  # fmt: skip
     """tau = decode tokens per live target step (bonus included); acceptance = accepted drafted
-    tokens / drafted tokens (N per live step); per-depth: P(a >= d | a >= d - 1)."""
+    tokens / drafted tokens (N per live step); per-depth: P(a >= d | a >= d - 1); per-rank:
+    P(the rank-k child is accepted) over visited nodes that have children."""
+    if ranks is not None and ranks.sum():
+        m.per_rank_acceptance = [float(x) for x in ranks[:-1] / ranks.sum()]
     m.tau = emitted / live_steps
     m.acceptance_rate = accepted / (live_steps * n_drafted) if n_drafted else None
     reach = hist[::-1].cumsum()[::-1]  # reach[d] = steps with a >= d

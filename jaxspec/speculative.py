@@ -17,6 +17,12 @@
 Static (`SpecConfig`): target/draft model configs, the tree, the verifier. Per-row sampling
 parameters are arrays as in plain decoding. The tree chain(0) (root only) is autoregressive
 decoding through the same step.
+
+Model-free drafting (SSSD, `SpecConfig.ngram`): step 1 instead builds a per-row candidate tree
+from n-gram matches in the row's own history (`SpecState.history`) and, when the `draft` argument
+is a `Datastore`, in a token corpus (`jaxspec.drafting.ngram`). The topology is then data:
+parents/depths/ancestor mask are per-row arrays, the walk finds a node's children by comparing
+parents, and the verifier is greedy or point-mass. There is no draft cache.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 from flax import struct
 
 from jaxspec.config import ModelConfig
+from jaxspec.drafting.ngram import NgramConfig, children_of, ngram_tree
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache
 from jaxspec.model import forward, lm_head
@@ -50,15 +57,46 @@ class SpecConfig:
     # greedy (T = 0) | swor | rrs | spechub (2-child nodes with a peaked draft; SWOR elsewhere)
     # | point_mass (deterministic top-k drafts at T > 0)
     verifier: str = "greedy"
+    # model-free n-gram drafting (SSSD); `tree` and `draft` are then unused (pass chain(0), target)
+    ngram: NgramConfig | None = None
 
     def __post_init__(self):
         if self.verifier not in VERIFIERS:
             raise ConfigError(f"unknown verifier {self.verifier!r}; choose from {VERIFIERS}")
+        if self.ngram is not None and self.verifier not in ("greedy", "point_mass"):
+            raise ConfigError(
+                f"n-gram drafts are deterministic: verify them with greedy (T = 0) or point_mass, "
+                f"not {self.verifier!r}"
+            )
         if self.draft.vocab_size != self.target.vocab_size:
             raise ConfigError(
                 f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
                 f"({self.target.vocab_size}): the draft must share the target's tokenizer"
             )
+
+    @property
+    def num_nodes(self) -> int:
+        """In-flight tokens per row and step: root + speculated nodes."""
+        return self.tree.num_nodes if self.ngram is None else self.ngram.num_nodes + 1
+
+    @property
+    def num_speculated(self) -> int:
+        return self.num_nodes - 1
+
+    @property
+    def max_depth(self) -> int:
+        return self.tree.max_depth if self.ngram is None else self.ngram.max_depth
+
+    @property
+    def max_width(self) -> int:
+        """Children compared per node (the width of the rank histogram)."""
+        if self.ngram is None:
+            return self.tree.max_width
+        return min(self.ngram.max_children, self.ngram.num_nodes)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.ngram is None and self.tree.num_speculated > 0
 
 
 @struct.dataclass
@@ -76,6 +114,11 @@ class SpecState:
     live_steps: Int[Array, " B"]  # steps in which the row was live
     accepted: Int[Array, " B"]  # accepted drafted tokens
     accept_hist: Int[Array, "B D1"]  # accept_hist[b, a]: steps where row b accepted a tokens
+    # rank_hist[b, k]: visited nodes (with children) of row b whose rank-k child was accepted;
+    # rank_hist[b, W]: those that accepted none (the positional acceptance of Sequoia)
+    rank_hist: Int[Array, "B W1"]
+    # n-gram drafting only: prompt ⊕ emitted tokens, history[b, :cache.lengths[b] + 1]
+    history: Int[Array, "B H"] | None = None
 
 
 def _draw_children(spec: SpecConfig, z, fanout: np.ndarray, key):
@@ -144,24 +187,28 @@ def _node_result(spec: SpecConfig, logits_t, zq_node, kid_tok, n_kids, sp: Sampl
     return res
 
 
-def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
-    """Accept walk: (accepted length a [B], path node ids [B, D], bonus token [B])."""
-    tree = spec.tree
-    B = toks.shape[0]
+def _walk_tree(node_fn, D: int, width: int, logits_t, sp, key):
+    """The accept walk shared by static and per-row trees (a static loop over depth, vectorised
+    over rows). `node_fn(cur)` gives the current node's children (node ids [B, W], tokens
+    [B, W], −1 past the last) and the rule's `NodeResult`. Returns (accepted length a [B], path
+    node ids [B, D], bonus token [B], rank histogram increment [B, W + 1])."""
+    B = logits_t.shape[0]
     rows = jnp.arange(B)
-    children = jnp.asarray(tree.children)  # [N1, W]
     cur = jnp.zeros((B,), jnp.int32)
     alive = jnp.ones((B,), bool)
     acc = jnp.zeros((B,), jnp.int32)
-    path = jnp.zeros((B, max(tree.max_depth, 1)), jnp.int32)
+    path = jnp.zeros((B, max(D, 1)), jnp.int32)
     bonus = jnp.zeros((B,), jnp.int32)
-    for d in range(tree.max_depth):
-        kids = children[cur]  # [B, W]
-        kid_tok = jnp.where(kids >= 0, toks[rows[:, None], jnp.maximum(kids, 0)], -1)
-        n_kids = jnp.asarray(tree.num_children)[cur]
-        res = _node_result(spec, logits_t[rows, cur], zq[rows, cur], kid_tok, n_kids, sp)
+    ranks = jnp.zeros((B, width + 1), jnp.int32)
+    for d in range(D):
+        kids, kid_tok, res = node_fn(cur)
         j, bon = rules.sample_node(res, kid_tok, jax.random.fold_in(key, d))
         took = alive & (j >= 0)
+        # this depth's outcome (accepted rank, or none) at live nodes that have children
+        counted = alive & (kid_tok >= 0).any(axis=1)
+        ranks = ranks.at[rows, jnp.where(took, jnp.minimum(j, width - 1), width)].add(
+            counted.astype(jnp.int32)
+        )
         nxt = kids[rows, jnp.maximum(j, 0)]
         path = path.at[:, d].set(jnp.where(took, nxt, path[:, d]))
         bonus = jnp.where(alive & ~took, bon, bonus)
@@ -169,8 +216,40 @@ def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
         acc = acc + took
         alive = took
     # rows that walked to the bottom: the bonus comes from the target at the last node
-    last = sample(logits_t[rows, cur], sp, jax.random.fold_in(key, tree.max_depth))
-    return acc, path, jnp.where(alive, last, bonus)
+    last = sample(logits_t[rows, cur], sp, jax.random.fold_in(key, D))
+    return acc, path, jnp.where(alive, last, bonus), ranks
+
+
+def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
+    """Accept walk over the static tree `spec.tree` (model drafts)."""
+    tree = spec.tree
+    rows = jnp.arange(toks.shape[0])
+    children = jnp.asarray(tree.children)  # [N1, W]
+
+    def node(cur):
+        kids = children[cur]  # [B, W]
+        kid_tok = jnp.where(kids >= 0, toks[rows[:, None], jnp.maximum(kids, 0)], -1)
+        n_kids = jnp.asarray(tree.num_children)[cur]
+        res = _node_result(spec, logits_t[rows, cur], zq[rows, cur], kid_tok, n_kids, sp)
+        return kids, kid_tok, res
+
+    return _walk_tree(node, tree.max_depth, spec.max_width, logits_t, sp, key)
+
+
+def _walk_dynamic(spec: SpecConfig, logits_t, toks, parents, sp, key):
+    """Accept walk over per-row trees given as data (n-gram drafts): children by parent lookup."""
+    rows = jnp.arange(toks.shape[0])
+    width = spec.max_width
+
+    def node(cur):
+        kids, kid_tok = children_of(parents, toks, cur, width)
+        if spec.verifier == "greedy":
+            res = rules.greedy(logits_t[rows, cur], kid_tok)
+        else:
+            res = rules.point_mass(probs(logits_t[rows, cur], sp), kid_tok)
+        return kids, kid_tok, res
+
+    return _walk_tree(node, spec.max_depth, width, logits_t, sp, key)
 
 
 def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) -> KVCache:
@@ -183,23 +262,40 @@ def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) 
     return cache.replace(k=k, v=v, lengths=cache.lengths + n)
 
 
-def _spec_step(params_t: Params, params_d: Params, state: SpecState, spec: SpecConfig):
+def _ngram_draft(spec: SpecConfig, datastore, state: SpecState):
+    """(tokens, parents, positions, ancestor mask) of each row's n-gram tree."""
+    h = state.cache.lengths + 1
+    toks, parents, depths, anc = ngram_tree(spec.ngram, state.history, h, datastore)
+    return toks, parents, state.cache.lengths[:, None] + depths, anc
+
+
+def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
+    """One step; `params_d` is the draft model's params, or for n-gram drafting the
+    `Datastore` (or None)."""
     tree = spec.tree
     B, out_len = state.tokens.shape
-    D = tree.max_depth
+    D = spec.max_depth
     rows = jnp.arange(B)
     rng, k_draft, k_walk = jax.random.split(state.rng, 3)
-    positions = state.cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
-    anc = jnp.asarray(tree.ancestor_mask)[None]
-    # 1. draft (nothing to draft for the root-only tree: plain autoregressive decoding)
-    if tree.num_speculated:
-        toks, zq, dcache = _draft(params_d, spec, state, positions, k_draft)
+    dcache = None
+    if spec.ngram is not None:  # 1. draft: model-free candidate trees, topology per row
+        toks, parents, positions, anc = _ngram_draft(spec, params_d, state)
     else:
-        toks, zq, dcache = state.root[:, None], None, None
+        positions = state.cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
+        anc = jnp.asarray(tree.ancestor_mask)[None]
+        # 1. draft (nothing to draft for the root-only tree: plain autoregressive decoding)
+        if tree.num_speculated:
+            toks, zq, dcache = _draft(params_d, spec, state, positions, k_draft)
+        else:
+            toks, zq = state.root[:, None], None
     # 2. verify: one target forward over the whole tree
     logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
     # 3. accept
-    acc, path, bonus = _walk(spec, logits_t, zq, toks, state.sampling, k_walk)
+    if spec.ngram is not None:
+        walked = _walk_dynamic(spec, logits_t, toks, parents, state.sampling, k_walk)
+    else:
+        walked = _walk(spec, logits_t, zq, toks, state.sampling, k_walk)
+    acc, path, bonus, ranks = walked
     live = ~state.done
     # 4. emit accepted tokens + bonus, truncated at EOS and max_new
     emitted = jnp.concatenate([toks[rows[:, None], path[:, :D]] if D else toks[:, :0],
@@ -221,7 +317,12 @@ def _spec_step(params_t: Params, params_d: Params, state: SpecState, spec: SpecC
     cache = _commit_cache(cache, idx, count)
     if dcache is not None:
         dcache = _commit_cache(dcache, idx, count)
+    history = state.history
+    if history is not None:  # emitted tokens follow the old root at h = lengths + 1
+        hdst = jnp.where(j < count[:, None], state.cache.lengths[:, None] + 1 + j, history.shape[1])
+        history = history.at[rows[:, None], hdst].set(emitted, mode="drop")
     return state.replace(
+        history=history,
         tokens=tokens,
         n_out=n_out,
         root=jnp.where(live, bonus, state.root),
@@ -233,6 +334,7 @@ def _spec_step(params_t: Params, params_d: Params, state: SpecState, spec: SpecC
         live_steps=state.live_steps + live,
         accepted=state.accepted + jnp.where(live, acc, 0),
         accept_hist=state.accept_hist.at[rows, acc].add(live.astype(jnp.int32)),
+        rank_hist=state.rank_hist + jnp.where(live[:, None], ranks, 0),
     )
 
 
@@ -249,18 +351,23 @@ def spec_prefill(
     max_new_tokens: int,
     chunk: int,
 ) -> SpecState:
-    """Prefill both caches (slots = P + max_new_tokens + tree size) and sample the first token."""
+    """Prefill both caches (slots = P + max_new_tokens + tree size) and sample the first token.
+    With n-gram drafting `params_d` is the datastore (or None) and the history buffer is kept."""
     B, P = prompts.shape
-    slots = P + max_new_tokens + spec.tree.num_nodes
+    slots = P + max_new_tokens + spec.num_nodes
     lengths = prompt_lengths.astype(jnp.int32)
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
     dcache = None
-    if spec.tree.num_speculated:
+    if spec.uses_draft_model:
         dcache, _ = prefill_cache(params_d, spec.draft, prompts, lengths, slots=slots, chunk=chunk)
     key, sub = jax.random.split(key)
     first = sample(lm_head(params_t, last_h[:, None])[:, 0], sampling, sub)
     max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)
-    D1 = spec.tree.max_depth + 1
+    D1 = spec.max_depth + 1
+    history = None
+    if spec.ngram is not None:
+        history = jnp.zeros((B, P + max_new_tokens), jnp.int32).at[:, :P].set(prompts)
+        history = history.at[jnp.arange(B), lengths].set(first)
     return SpecState(
         tokens=jnp.full((B, max_new_tokens), -1, jnp.int32).at[:, 0].set(first),
         n_out=jnp.ones((B,), jnp.int32),
@@ -275,6 +382,8 @@ def spec_prefill(
         live_steps=jnp.zeros((B,), jnp.int32),
         accepted=jnp.zeros((B,), jnp.int32),
         accept_hist=jnp.zeros((B, D1), jnp.int32),
+        rank_hist=jnp.zeros((B, spec.max_width + 1), jnp.int32),
+        history=history,
     )
 
 
@@ -297,6 +406,16 @@ def _spec_generate(params_t, params_d, prompts, prompt_lengths, key, sampling, m
 def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
     """The draft phase and the verify forward of one step, as two separate functions (for timing
     the draft / verify split outside the fused step; same shapes, same work)."""
+    if spec.ngram is not None:
+
+        def ngram_draft():
+            return _ngram_draft(spec, params_d, state)
+
+        def ngram_verify(toks):
+            _, _, positions, anc = _ngram_draft(spec, params_d, state)
+            return forward(params_t, spec.target, toks, positions, state.cache, anc)
+
+        return ngram_draft, ngram_verify
     positions = state.cache.lengths[:, None] + jnp.asarray(spec.tree.depth)[None]
     anc = jnp.asarray(spec.tree.ancestor_mask)[None]
 

@@ -80,6 +80,11 @@ class Tokenizer:
             return self._tok.encode(rendered, add_special_tokens=False).ids
         return self._tok.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of raw texts (no chat template, no special tokens), encoded in parallel."""
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets
+        return [e.ids for e in encode(list(texts), add_special_tokens=False)]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 

@@ -81,8 +81,12 @@ def test_greedy_equals_autoregressive(tree, draft):
                        chunk=8)  # fmt: skip
     assert outputs(st) == want
     hist = np.asarray(st.accept_hist).sum(0)
+    ranks = np.asarray(st.rank_hist)
+    # every accepted token is one accepted rank at one node
+    assert (ranks[:, :-1].sum(1) == np.asarray(st.accepted)).all()
     if draft == "self":  # draft == target: every step accepts the full depth (but the last)
         assert hist[: TREES[tree].max_depth].sum() <= 4  # at most one short step per row
+        assert ranks[:, 1:-1].sum() == 0  # ... always through the draft's top-1 child
     assert int(np.asarray(st.live_steps).max()) <= int(st.steps)
 
 

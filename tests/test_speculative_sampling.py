@@ -5,7 +5,9 @@ On a tiny fp32 model with V = 8, the joint distribution of the first three gener
 target alone (8^3 cells, temperature and top-p applied). The speculative system, with an
 unrelated random draft, samples 24,000 rows in one batch; a chi-square goodness-of-fit test
 (cells with expected count < 5 pooled) must pass at ~5 sigma, for each verifier and two tree
-shapes. A deliberately wrong system (the draft's distribution emitted instead of the target's)
+shapes, and for model-free n-gram trees (SSSD: drafts from a repetitive prompt, point-mass
+rule; the test also checks drafts were accepted, so it exercises the n-gram path). A deliberately
+wrong system (the draft's distribution emitted instead of the target's)
 fails the same test, so the test can fail.
 """
 
@@ -16,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxspec.drafting.ngram import NgramConfig
 from jaxspec.kv_cache import init_cache
 from jaxspec.model import forward, init_params
 from jaxspec.sampling import SamplingParams, probs
@@ -27,14 +30,15 @@ CFG = dataclasses.replace(TINY, vocab_size=8, eos_token_ids=(), num_layers=2)
 TARGET = init_params(CFG, jax.random.key(0), scale=0.6)
 DRAFT = init_params(CFG, jax.random.key(7), scale=0.6)
 PROMPT = [3, 1, 4, 1, 5]
+NGRAM_PROMPT = [3, 1, 4, 1, 5, 1, 4, 1]  # repeats: the n-gram drafter has matches to propose
 TEMP, TOP_P = 0.9, 0.95
 N_ROWS = 24_000
 
 
-def exact_joint(params) -> np.ndarray:
-    """P(t1, t2, t3 | PROMPT) under `params`, temperature TEMP and top-p TOP_P: [8, 8, 8]."""
-    V, P = CFG.vocab_size, len(PROMPT)
-    seqs = np.array([PROMPT + [a, b] for a in range(V) for b in range(V)], np.int32)  # [64, P+2]
+def exact_joint(params, prompt=PROMPT) -> np.ndarray:
+    """P(t1, t2, t3 | prompt) under `params`, temperature TEMP and top-p TOP_P: [8, 8, 8]."""
+    V, P = CFG.vocab_size, len(prompt)
+    seqs = np.array([prompt + [a, b] for a in range(V) for b in range(V)], np.int32)  # [64, P+2]
     T = seqs.shape[1]
     logits, _ = forward(params, CFG, jnp.asarray(seqs), jnp.broadcast_to(jnp.arange(T), seqs.shape),
                         init_cache(CFG, len(seqs), T))  # fmt: skip
@@ -46,15 +50,18 @@ def exact_joint(params) -> np.ndarray:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sample_system(verifier, tree, key=0) -> np.ndarray:
+def sample_system(verifier, tree, key=0, ngram=None, prompt=PROMPT, ds=None) -> np.ndarray:
     P = 8
-    prompts = jnp.zeros((N_ROWS, P), jnp.int32).at[:, : len(PROMPT)].set(jnp.asarray(PROMPT))
-    spec = SpecConfig(CFG, CFG, tree, verifier)
-    st = spec_generate(TARGET, DRAFT, prompts, jnp.full((N_ROWS,), len(PROMPT)),
+    prompts = jnp.zeros((N_ROWS, P), jnp.int32).at[:, : len(prompt)].set(jnp.asarray(prompt))
+    spec = SpecConfig(CFG, CFG, tree, verifier, ngram=ngram)
+    draft = ds if ngram is not None else DRAFT
+    st = spec_generate(TARGET, draft, prompts, jnp.full((N_ROWS,), len(prompt)),
                        jax.random.key(key), SamplingParams.make(N_ROWS, TEMP, 0, TOP_P),
                        jnp.full((N_ROWS,), 3), spec=spec, max_new_tokens=4, chunk=8)  # fmt: skip
     toks = np.asarray(st.tokens[:, :3])
     assert (np.asarray(st.n_out) == 3).all()
+    if ngram is not None:
+        assert np.asarray(st.accepted).sum() > N_ROWS // 20, "n-gram drafts were hardly used"
     counts = np.zeros((8, 8, 8))
     np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
     return counts
@@ -88,6 +95,21 @@ def joint():
 def test_joint_of_first_three_tokens_matches_target(verifier, tree):
     t = {"chain2": chain(2), "kary2x2": kary(2, 2)}[tree]
     ok, chi2, dof = chi_square_ok(sample_system(verifier, t), joint())
+    assert ok, (chi2, dof)
+
+
+@pytest.mark.parametrize("nodes,datastore", [(2, False), (4, False), (4, True)])
+def test_joint_with_ngram_trees_matches_target(nodes, datastore):
+    from jaxspec.drafting.datastore import Datastore, build_arrays
+
+    ngram = NgramConfig(num_nodes=nodes, branch_length=2, max_query=2, matches_per_length=2,
+                        datastore_matches=4, min_datastore_matches=2)  # fmt: skip
+    ds = None
+    if datastore:  # a random corpus over the 8 tokens: every query has continuations
+        docs = np.random.default_rng(0).integers(0, 8, (20, 30)).tolist()
+        ds = Datastore.from_arrays(*build_arrays(docs))
+    counts = sample_system("point_mass", chain(0), ngram=ngram, prompt=NGRAM_PROMPT, ds=ds)
+    ok, chi2, dof = chi_square_ok(counts, exact_joint(TARGET, NGRAM_PROMPT))
     assert ok, (chi2, dof)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from jaxspec.config import ModelConfig, RopeScaling
 from jaxspec.errors import CheckpointError
+from jaxspec.fsutil import move_into_place
 from jaxspec.model.params import Params, param_shapes
 
 FORMAT = 2  # 2: fused wqkv / w_gate_up layout
@@ -51,13 +51,7 @@ def save_params(path: str | Path, cfg: ModelConfig, params: Params) -> Path:
         ckptr.wait_until_finished()
         meta = {"format": FORMAT, "dtype": str(params.embed.dtype), "config": _cfg_dict(cfg)}
         (tmp / MARKER).write_text(json.dumps(meta, indent=1))
-        if path.exists():  # replace an old checkpoint: move it aside first, then delete it
-            old = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        move_into_place(tmp, path)  # an old checkpoint is replaced only once this is complete
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

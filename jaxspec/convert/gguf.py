@@ -41,6 +41,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from jaxspec.errors import CheckpointError, ConfigError
+from jaxspec.fsutil import apply_umask, move_into_place
 
 __all__ = ["gguf_to_hf", "unpermute_qk"]
 
@@ -124,8 +125,8 @@ def gguf_to_hf(
         tensors = _convert_tensors(reader, hparams, gguf_path, dtype, progress)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del tensors
-        _apply_umask(tmp)
-        _move_into_place(tmp, out_dir)
+        apply_umask(tmp)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -380,31 +381,6 @@ def _generation_config_json(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _apply_umask(directory: Path) -> None:
-    """Give `directory` (made 0700 by mkdtemp) and its files the usual umask-based permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for child in directory.iterdir():
-        os.chmod(child, 0o666 & ~umask)
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished `tmp` to `out_dir`, replacing an existing `out_dir` only at the end."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".old-{out_dir.name}-", dir=out_dir.parent))
-    os.replace(out_dir, old / "dir")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old / "dir", out_dir)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,148 @@
+"""Sequoia's dynamic program: the token tree of at most n nodes and d levels that maximises the
+expected tokens per step under a positional acceptance vector (ALGORITHMS.md §4(b)).
+
+Conventions:
+  * `p[k-1]` = P(the rank-k child is the one accepted), for k = 1..W (measured with one-level
+    trees of width W; the "none" mass is 1 − Σ p). A node with b children accepts child k ≤ b
+    with probability p_k, none otherwise, independently at every node.
+  * Tree value G(T) = Σ_{v ∈ T} Π_{edges root→v} p_rank(edge) (the root counts 1) = the
+    expected tokens emitted per step: accepted tokens plus the bonus.
+  * Sizes count the root: a tree of m nodes speculates m − 1 tokens. Levels count the root too:
+    depth bound d allows d − 1 speculated levels.
+  * DP table `best[m, l, b]` = the best value of a tree of exactly m nodes, at most l levels,
+    whose root has exactly b children (−inf if impossible):
+      best[1, l, 0] = 1
+      best[m, l, 1] = 1 + p_1 · max_b' best[m − 1, l − 1, b']
+      best[m, l, b] = max_{1 ≤ y < m} best[y, l, b − 1] + p_b · max_b' best[m − y, l − 1, b']
+    (the b-th child, acceptance p_b, roots a subtree of m − y nodes; the first b − 1 children
+    share the other y nodes with the root). G*(m, l) = max_b best[m, l, b]. An optional fan-out
+    cap limits b (e.g. 2 for SpecHub's binary trees). Ranks past the vector have p = 0, so every
+    size fits (such nodes add nothing). O(M² · D · W).
+  * Reconstruction lists children in rank order and numbers nodes level by level, so the result
+    is a canonical `TreeSpec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from jaxspec.errors import ConfigError
+from jaxspec.trees.spec import TreeSpec
+
+NEG = -np.inf
+
+
+def tree_value(tree: TreeSpec, p) -> float:
+    """G(T) for a positional acceptance vector p (ranks beyond len(p) accept with 0)."""
+    p = np.asarray(p, np.float64)
+    val = np.ones(tree.num_nodes)
+    for i in range(1, tree.num_nodes):
+        r = int(tree.rank[i])
+        val[i] = val[tree.parents[i]] * (p[r] if r < len(p) else 0.0)
+    return float(val.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class SequoiaDP:
+    """The solved table for one acceptance vector (see the module docstring)."""
+
+    p: tuple[float, ...]
+    max_nodes: int
+    max_depth: int
+    max_width: int
+
+    def __post_init__(self):
+        if self.max_nodes < 1 or self.max_depth < 1 or self.max_width < 1:
+            raise ConfigError(
+                f"Sequoia DP needs max_nodes, max_depth, max_width >= 1, got "
+                f"{self.max_nodes}, {self.max_depth}, {self.max_width}"
+            )
+        p = np.asarray(self.p, np.float64)
+        if p.ndim != 1 or len(p) == 0 or np.any(p < 0) or p.sum() > 1 + 1e-6:
+            raise ConfigError(
+                f"acceptance vector must be non-negative with sum <= 1, got {list(self.p)}"
+            )
+
+    @functools.cached_property
+    def _solved(self):
+        M, D = self.max_nodes, self.max_depth
+        W = min(self.max_width, M - 1)
+        p = np.zeros(max(W, len(self.p)))  # ranks past the vector accept with probability 0
+        p[: len(self.p)] = self.p
+        best = np.full((M + 1, D + 1, W + 1), NEG)
+        arg_y = np.zeros((M + 1, D + 1, W + 1), np.int64)  # b >= 2: nodes kept by children 1..b-1
+        sub_b = np.zeros((M + 1, D + 1, W + 1), np.int64)  # root fan-out of the b-th child's tree
+        best[1, 1:, 0] = 1.0
+        top = np.full((M + 1, D + 1), NEG)  # max_b best[m, lv, b]
+        top_b = np.zeros((M + 1, D + 1), np.int64)
+        for lv in range(1, D + 1):
+            top[1, lv] = 1.0
+            for m in range(2, M + 1):
+                if lv >= 2 and W >= 1 and top[m - 1, lv - 1] > NEG:
+                    best[m, lv, 1] = 1.0 + p[0] * top[m - 1, lv - 1]
+                    sub_b[m, lv, 1] = top_b[m - 1, lv - 1]
+                for b in range(2, W + 1):
+                    if lv < 2:
+                        break
+                    for y in range(1, m):
+                        left, right = best[y, lv, b - 1], top[m - y, lv - 1]
+                        if left == NEG or right == NEG:
+                            continue
+                        v = left + p[b - 1] * right
+                        if v > best[m, lv, b] + 1e-15:
+                            best[m, lv, b] = v
+                            arg_y[m, lv, b] = y
+                            sub_b[m, lv, b] = top_b[m - y, lv - 1]
+                top_b[m, lv] = int(np.argmax(best[m, lv]))
+                top[m, lv] = best[m, lv, top_b[m, lv]]
+        return best, arg_y, sub_b, top, top_b
+
+    def value(self, n: int, d: int) -> float:
+        """G*(n, d): the best expected tokens per step with n nodes (root included), d levels."""
+        self._check(n, d)
+        return float(self._solved[3][n, d])
+
+    def values(self) -> np.ndarray:
+        """G*[m, l] for m = 0..max_nodes, l = 0..max_depth (−inf where impossible)."""
+        return self._solved[3].copy()
+
+    def tree(self, n: int, d: int) -> TreeSpec:
+        """The optimal tree of n nodes and at most d levels."""
+        self._check(n, d)
+        best, arg_y, sub_b, top, top_b = self._solved
+
+        def children(m: int, lv: int, b: int) -> list:
+            """Subtrees (as nested child lists) of a tree (m, l) with root fan-out b."""
+            if b == 0:
+                return []
+            if b == 1:
+                return [children(m - 1, lv - 1, int(sub_b[m, lv, 1]))]
+            y = int(arg_y[m, lv, b])
+            return children(y, lv, b - 1) + [children(m - y, lv - 1, int(sub_b[m, lv, b]))]
+
+        nested = children(n, d, int(top_b[n, d]))
+        parents, queue = [-1], [(0, nested)]
+        while queue:  # breadth-first: canonical level-order numbering
+            nxt = []
+            for node, kids in queue:
+                for sub in kids:
+                    parents.append(node)
+                    nxt.append((len(parents) - 1, sub))
+            queue = nxt
+        return TreeSpec(tuple(parents))
+
+    def _check(self, n: int, d: int):
+        if not (1 <= n <= self.max_nodes and 1 <= d <= self.max_depth):
+            raise ConfigError(
+                f"tree size {n} / depth {d} outside the solved table "
+                f"(1..{self.max_nodes} nodes, 1..{self.max_depth} levels)"
+            )
+
+
+def best_tree(p, n: int, d: int, max_width: int | None = None) -> TreeSpec:
+    """The DP-optimal tree of n nodes (root included) and at most d levels for acceptance p."""
+    dp = SequoiaDP(tuple(float(x) for x in p), n, d, max_width or len(p))
+    return dp.tree(n, d)
