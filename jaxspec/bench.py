@@ -90,7 +90,8 @@ def parse_methods(text: str, gamma: int = 4, tree: str = "kary_2x3") -> list[Met
             m = MethodSpec(f"chain:{g}", "chain", gamma=g)
         elif kind == "tree":
             name = arg if sep else tree
-            load_tree(name)  # unknown tree / bad file → a clear error before any model load
+            if name != "auto":  # auto: Sequoia's per-bucket choice from the profiles
+                load_tree(name)  # unknown tree / bad file → a clear error before any model load
             m = MethodSpec(f"tree:{name}", "tree", tree=name)
         elif kind in ("sssd", "sssd-ds"):
             n = None
@@ -149,6 +150,8 @@ def spec_namespace(args, m: MethodSpec) -> argparse.Namespace:
         verifier=args.verifier, drafter=args.drafter, draft=args.draft,
         draft_layers=args.draft_layers, temperature=args.temperature, dtype=args.dtype,
         json=False, batch_size=args.batch_size,
+        acceptance_profile=getattr(args, "acceptance_profile", None),
+        device_profile=getattr(args, "device_profile", None),
         draft_tokens=m.draft_tokens if m.draft_tokens is not None else args.draft_tokens,
         datastore=args.datastore if m.datastore else None,
     )  # fmt: skip

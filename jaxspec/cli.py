@@ -18,6 +18,8 @@
                              [--drafter ... --draft ... --draft-layers ...] [--out FILE]
   jaxspec profile device [--batches 1,8] [--contexts 256,1024] [--tokens 1,2,4,...,128]
                          [--drafter layerskip|model|none ...] [--reps R] [--out FILE]
+  jaxspec profile topology --acceptance FILE --device FILE [--max-depth D] [--max-width W]
+                           [--out FILE]
 
 User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
 """
@@ -56,6 +58,12 @@ def _add_decoding_args(
                    "rule from this device's measured FLOP/byte ratio")  # fmt: skip
     p.add_argument("--gamma", type=int, default=4, help=gamma_help)
     p.add_argument("--tree", default="kary_2x3", help=tree_help)
+    p.add_argument("--acceptance-profile", metavar="FILE",
+                   help="--tree auto: acceptance profile (default: configs/profiles/"
+                   "<target>__<draft>__T<temperature>.toml)")  # fmt: skip
+    p.add_argument("--device-profile", type=Path, metavar="FILE",
+                   help="--tree auto: device timing table (default: configs/profiles/"
+                   "device__<device>__<model>.toml)")  # fmt: skip
     p.add_argument("--verifier", choices=VERIFIERS,
                    help="default: greedy at T=0, else swor (point_mass for sssd)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -82,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     g.add_argument("--method", default="ar", choices=METHODS, help="ar, or speculative")
     _add_decoding_args(g, batch_size=8, gamma_help="chain length for --method chain",
-                       tree_help="tree name in configs/trees or a TOML file")  # fmt: skip
+                       tree_help="tree name in configs/trees, a TOML file, or auto (Sequoia: "
+                       "the tree of the batch/context bucket from the acceptance and device "
+                       "profiles; AR where no tree pays)")  # fmt: skip
     g.add_argument("--json", action="store_true", help="print one JSON object")
     _add_common(g, argparse.SUPPRESS)
 
@@ -179,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", type=Path,
                     help="default: configs/profiles/device__<device>__<model>.toml")  # fmt: skip
     _add_common(pd, argparse.SUPPRESS)
+    pt = psub.add_parser("topology", help="Sequoia's optimal tree per (batch, context) bucket")
+    pt.add_argument("--acceptance", required=True, help="acceptance profile TOML (or its name)")
+    pt.add_argument("--device", type=Path, required=True, help="device timing table TOML")
+    pt.add_argument("--max-depth", type=int, default=8, help="levels, root included")
+    pt.add_argument("--max-width", type=int, help="fan-out cap (2: binary trees for SpecHub)")
+    pt.add_argument("--out", type=Path, help="write the table as TOML")
+    _add_common(pt, argparse.SUPPRESS)
     _add_common(pr, argparse.SUPPRESS)
     return parser
 
@@ -264,14 +281,56 @@ def build_spec(args, model):
 
     if args.gamma < 1:
         raise InputError(f"--gamma must be >= 1, got {args.gamma}")
-    tree = chain(args.gamma) if args.method == "chain" else load_tree(args.tree)
+    auto = args.method == "tree" and args.tree == "auto"
+    tree = chain(args.gamma) if args.method == "chain" else None if auto else load_tree(args.tree)
     verifier = args.verifier or ("greedy" if args.temperature == 0 else "swor")
     if verifier == "greedy" and args.temperature > 0:
         raise InputError(
             "--verifier greedy needs --temperature 0 (use swor/rrs/spechub/point_mass)"
         )
-    dcfg, dparams, _ = build_draft(args, model)
+    dcfg, dparams, dname = build_draft(args, model)
+    if auto:
+        return auto_spec(args, model, dcfg, dname, verifier), dparams
     return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
+
+
+def auto_spec(args, model, dcfg, dname: str, verifier: str):
+    """`--tree auto`: a function (batch bucket, context) -> SpecConfig | None (AR) from
+    Sequoia's topology table for the acceptance profile and the device timing table."""
+    import functools
+    import tomllib
+
+    import jax
+
+    from jaxspec.errors import ConfigError
+    from jaxspec.profiling import PROFILE_DIR, profile_name, read_profile
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees.sequoia import AutoTree, topology_table
+
+    mname = Path(str(model.name)).name
+    acc = read_profile(
+        args.acceptance_profile
+        or PROFILE_DIR / f"{profile_name(mname, dname, args.temperature)}.toml"
+    )
+    dev_path = args.device_profile
+    if dev_path is None:
+        d = jax.devices()[0]
+        device = f"{d.platform}-{d.device_kind}".replace(" ", "_").replace("/", "_")
+        dev_path = PROFILE_DIR / f"device__{device}__{mname}.toml"
+    try:
+        device = tomllib.loads(Path(dev_path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{dev_path}: no readable device timing table for --tree auto ({e}); "
+                          "make one with `jaxspec profile device`") from None  # fmt: skip
+    width = 2 if verifier == "spechub" else None
+    auto = AutoTree.from_choices(topology_table(acc["p"], device, max_width=width))
+
+    @functools.cache
+    def spec_for(batch: int, context: int):
+        tree = auto.tree_for(batch, context)
+        return None if tree is None else SpecConfig(model.cfg, dcfg, tree, verifier)
+
+    return spec_for
 
 
 def build_draft(args, model):
@@ -414,11 +473,57 @@ def cmd_profile_device(args) -> int:
     return 0
 
 
+def cmd_profile_topology(args) -> int:
+    import shlex
+    import tomllib
+
+    from jaxspec.errors import ConfigError
+    from jaxspec.profiling import read_profile, write_toml
+    from jaxspec.trees.sequoia import topology_table
+
+    if args.max_depth < 2:
+        raise InputError(f"--max-depth must be >= 2 (root + one level), got {args.max_depth}")
+    if args.max_width is not None and args.max_width < 1:
+        raise InputError(f"--max-width must be >= 1, got {args.max_width}")
+    acc = read_profile(args.acceptance)
+    try:
+        device = tomllib.loads(args.device.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{args.device}: unreadable device timing table ({e})") from None
+    for k in ("batches", "contexts", "tokens", "target_s"):
+        if k not in device:
+            raise ConfigError(f"{args.device}: no {k!r}: not a `jaxspec profile device` table")
+    table = topology_table(acc["p"], device, args.max_depth, args.max_width)
+    print(
+        "| batch | context | nodes | depth | expected tokens/step | step ms | predicted speedup |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    body = {"acceptance": acc["path"], "device": str(args.device),
+            "command": shlex.join(["jaxspec", *args.argv])}  # fmt: skip
+    for b, c, ch in table:
+        print(f"| {b} | {c} | {ch.nodes} | {ch.depth} | {ch.expected_tokens:.2f} | "
+              f"{ch.step_s * 1e3:.1f} | {ch.speedup:.2f}× |")  # fmt: skip
+        body[f"b{b}_ctx{c}"] = list(ch.tree.parents) if ch.tree is not None else [-1]
+    if args.out is not None:
+        write_toml(
+            args.out,
+            body,
+            [
+                "Sequoia topology table: parents of the chosen tree per "
+                "bucket b<batch>_ctx<context> ([-1]: autoregressive)."
+            ],
+        )
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_profile(args) -> int:
     import shlex
 
     if args.profile_command == "device":
         return cmd_profile_device(args)
+    if args.profile_command == "topology":
+        return cmd_profile_topology(args)
 
     from jaxspec.bench import select_prompts
     from jaxspec.models import load_model

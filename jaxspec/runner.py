@@ -70,37 +70,44 @@ class Runner:
     """Runs generation over many prompts in batches, keeping compiled executables per bucket.
 
     Without `spec` it decodes autoregressively (`jaxspec.generate`); with a `SpecConfig` and the
-    draft's params it runs the speculative step (`jaxspec.speculative`)."""
+    draft's params it runs the speculative step (`jaxspec.speculative`). `spec` may also be a
+    function `(batch bucket, context) -> SpecConfig | None` (Sequoia's `--tree auto`): each
+    batch then runs the configuration of its bucket (None: autoregressive), one compile per
+    bucket; context = padded prompt length + output buffer."""
 
     def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None):
         self.params, self.cfg, self.spec, self.draft_params = params, cfg, spec, draft_params
         self._compiled: dict[tuple, tuple] = {}
         self._profiled: dict[tuple, tuple] = {}  # bucket → compiled (draft, verify) phases
 
-    def _executables(self, B: int, P: int, out_len: int, chunk: int, args):
-        key = (B, P, out_len, chunk)
+    def spec_for(self, B: int, context: int):
+        """The SpecConfig (or None: AR) of a bucket."""
+        return self.spec(B, context) if callable(self.spec) else self.spec
+
+    def _executables(self, B: int, P: int, out_len: int, chunk: int, args, spec):
+        key = (spec, B, P, out_len, chunk)
         if key in self._compiled:
             return self._compiled[key], 0.0
         t0 = time.perf_counter()
-        if self.spec is None:
+        if spec is None:
             fn, dec, static = prefill_jit, decode, dict(cfg=self.cfg)
             lead, tail = (self.params,), (self.cfg,)
         else:
             from jaxspec.speculative import spec_decode, spec_prefill_jit
 
-            fn, dec, static = spec_prefill_jit, spec_decode, dict(spec=self.spec)
-            lead, tail = (self.params, self.draft_params), (self.spec,)
+            fn, dec, static = spec_prefill_jit, spec_decode, dict(spec=spec)
+            lead, tail = (self.params, self.draft_params), (spec,)
         static.update(max_new_tokens=out_len, chunk=chunk)
         pre = fn.lower(*lead, *args, **static).compile()
         state_shape = jax.eval_shape(lambda *a: fn(*a, **static), *lead, *args)
-        if self.spec is None:  # decode(params, cfg, state)
+        if spec is None:  # decode(params, cfg, state)
             dec = dec.lower(*lead, *tail, state_shape).compile()
         else:  # spec_decode(params_t, params_d, state, spec)
             dec = dec.lower(*lead, state_shape, *tail).compile()
         self._compiled[key] = (pre, dec, lead)
         return self._compiled[key], time.perf_counter() - t0
 
-    def _phase_times(self, state, bucket, reps: int = 3) -> tuple[float, float, float]:
+    def _phase_times(self, state, bucket, spec, reps: int = 3) -> tuple[float, float, float]:
         """Per-step seconds of the draft phase and of the verify forward, timed separately at the
         step's shapes (the fused step cannot be split without host syncs); compile seconds."""
         from jaxspec.speculative import draft_phase, verify_phase
@@ -108,10 +115,10 @@ class Runner:
         compile_s = 0.0
         if bucket not in self._profiled:  # compile ahead of time, timed apart from running
             t0 = time.perf_counter()
-            spec_args = (self.params, self.draft_params, state, self.spec)
+            spec_args = (self.params, self.draft_params, state, spec)
             draft = draft_phase.lower(*spec_args).compile()
             toks_shape = jax.eval_shape(
-                lambda p, d, s: draft_phase(p, d, s, self.spec)[0], *spec_args[:3]
+                lambda p, d, s: draft_phase(p, d, s, spec)[0], *spec_args[:3]
             )
             verify = verify_phase.lower(*spec_args, toks_shape).compile()
             self._profiled[bucket] = (draft, verify)
@@ -136,7 +143,8 @@ class Runner:
         outputs: list[list[int]] = []
         out_len = -(-opts.max_new_tokens // 32) * 32
         key = jax.random.key(opts.seed)
-        n_batches, live_steps, accepted, hist, ranks = 0, 0, 0, None, None
+        n_batches, live_steps, accepted, drafted, hist, ranks = 0, 0, 0, 0, None, None
+        ar_decode_s = 0.0
         for start in range(0, len(prompts), opts.batch_size):
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
@@ -150,7 +158,8 @@ class Runner:
             sp = SamplingParams.make(B, opts.temperature, opts.top_k, opts.top_p)
             max_new = jnp.full((B,), opts.max_new_tokens, jnp.int32)
             args = (jnp.asarray(arr), jnp.asarray(lens), sub, sp, max_new)
-            (pre, dec, lead), compile_s = self._executables(B, P, out_len, chunk, args)
+            spec = self.spec_for(B, P + out_len)
+            (pre, dec, lead), compile_s = self._executables(B, P, out_len, chunk, args, spec)
             m.compile_s += compile_s
             t0 = time.perf_counter()
             state = pre(*lead, *args)
@@ -166,17 +175,23 @@ class Runner:
             outputs += [toks[i, : n_out[i]].tolist() for i in range(n)]
             m.target_steps += int(state.steps)
             m.new_tokens += int(n_out[:n].sum())
-            if self.spec is not None:
-                t_draft, t_verify, c_s = self._phase_times(state, (B, P, out_len, chunk))
+            if spec is not None:
+                t_draft, t_verify, c_s = self._phase_times(state, (spec, B, P, out_len, chunk),
+                                                           spec)  # fmt: skip
                 m.compile_s += c_s
                 m.draft_s += t_draft * int(state.steps)
                 m.verify_s += t_verify * int(state.steps)
-                live_steps += int(np.asarray(state.live_steps)[:n].sum())
+                live = int(np.asarray(state.live_steps)[:n].sum())
+                live_steps += live
+                drafted += live * spec.num_speculated
                 accepted += int(np.asarray(state.accepted)[:n].sum())
-                h = np.asarray(state.accept_hist)[:n].sum(0)
-                hist = h if hist is None else hist + h
-                r = np.asarray(state.rank_hist)[:n].sum(0)
-                ranks = r if ranks is None else ranks + r
+                hist = _add(hist, np.asarray(state.accept_hist)[:n].sum(0))
+                ranks = _add(ranks, np.asarray(state.rank_hist)[:n].sum(0), keep_last=True)
+            elif self.spec is not None:  # an autoregressive bucket of a per-bucket runner:
+                ar_decode_s += t2 - t1  # each live row-step emits one token, accepts none
+                row_steps = int(n_out[:n].sum()) - n
+                live_steps += row_steps
+                hist = _add(hist, np.asarray([row_steps]))
             n_batches += 1
         after_first = m.new_tokens - len(prompts)
         m.tokens_per_s = after_first / m.decode_s if m.decode_s > 0 else 0.0
@@ -184,23 +199,38 @@ class Runner:
         if self.spec is None:
             m.verify_s = m.decode_s  # an AR step is one target forward (+ sampling)
         else:
+            m.verify_s += ar_decode_s
             m.other_s = max(0.0, m.decode_s - m.draft_s - m.verify_s)
         self.last_rank_hist = ranks  # summed over the prompts of this run (None for AR)
         if self.spec is not None and live_steps:
-            fill_spec_metrics(m, self.spec.num_speculated, after_first, live_steps,
-                              accepted, hist, ranks)  # fmt: skip
+            fill_spec_metrics(m, drafted, after_first, live_steps, accepted, hist, ranks)
         return outputs, m
 
 
-def fill_spec_metrics(m: Metrics, n_drafted: int, emitted: int, live_steps: int, accepted: int,
+def _add(total: np.ndarray | None, part: np.ndarray, keep_last: bool = False) -> np.ndarray:
+    """total + part for histograms of different lengths (zero-padded; `keep_last`: the last
+    column is a separate category, e.g. "none", and stays last)."""
+    if total is None:
+        return part
+    n = max(len(total), len(part))
+
+    def pad(x):
+        if keep_last:
+            return np.concatenate([x[:-1], np.zeros(n - len(x), x.dtype), x[-1:]])
+        return np.concatenate([x, np.zeros(n - len(x), x.dtype)])
+
+    return pad(total) + pad(part)
+
+
+def fill_spec_metrics(m: Metrics, drafted: int, emitted: int, live_steps: int, accepted: int,
                       hist: np.ndarray, ranks: np.ndarray | None = None) -> None:  # fmt: skip
     """tau = decode tokens per live target step (bonus included); acceptance = accepted drafted
-    tokens / drafted tokens (N per live step); per-depth: P(a >= d | a >= d - 1); per-rank:
-    P(the rank-k child is accepted) over visited nodes that have children."""
+    tokens / drafted tokens (N per live step, summed); per-depth: P(a >= d | a >= d - 1);
+    per-rank: P(the rank-k child is accepted) over visited nodes that have children."""
     if ranks is not None and ranks.sum():
         m.per_rank_acceptance = [float(x) for x in ranks[:-1] / ranks.sum()]
     m.tau = emitted / live_steps
-    m.acceptance_rate = accepted / (live_steps * n_drafted) if n_drafted else None
+    m.acceptance_rate = accepted / drafted if drafted else None
     reach = hist[::-1].cumsum()[::-1]  # reach[d] = steps with a >= d
     m.per_depth_acceptance = [
         float(reach[d] / reach[d - 1]) if reach[d - 1] else 0.0 for d in range(1, len(reach))

@@ -6,13 +6,15 @@ Prompt sets:
     category (MT-bench's eight grouped as mt_bench).
   * HumanEval (`HumanEval.jsonl`): the first `--humaneval` problems, raw code prompt (completion,
     no chat template), as the category `humaneval`.
-Part 1, batch 1: jaxspec `ar`, `sssd` (drafts from the row's own prompt + output) and `sssd-ds`
-(also from `--datastore`, built from a corpus disjoint from these prompts: Python's standard
-library), through `jaxspec.bench.run_methods` (the `jaxspec bench` machinery: warm-up compiles
+Part 1, batch 1: jaxspec `--methods` (default: `ar`, `sssd:6` / `sssd` = drafts from the row's
+own prompt + output, 6 / auto draft tokens, and `sssd-ds:6` / `sssd-ds`, also from `--datastore`,
+built from a corpus disjoint from these prompts: Python's standard library), through
+`jaxspec.bench.run_methods` (the `jaxspec bench` machinery: warm-up compiles
 first, compile time never in the timings). Then transformers `generate` on the same weights
 (the HF checkpoint jaxspec converted), greedy and with `prompt_lookup_num_tokens=--pld-tokens`.
-Part 2, batch sweep (`--batch-sizes`): jaxspec ar / sssd / sssd-ds throughput on the Spec-Bench
-prompts (aggregate decode tokens/s over the batch).
+Part 2, batch sweep (`--batch-sizes`): jaxspec `--sweep-methods` throughput on the Spec-Bench
+prompts (aggregate decode tokens/s over the batch); `auto` draft tokens follow SSSD's
+batch-aware rule s(b) (`jaxspec/hardware.py`).
 
 Definitions:
   decode tok/s  jaxspec: Σ (new tokens − 1) ÷ Σ decode seconds (prefill excluded; see
@@ -54,7 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-category", type=int, default=10)
     p.add_argument("--humaneval", type=int, default=20, help="HumanEval problems (0 = none)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--draft-tokens", default="auto", help="sssd speculated tokens: N or auto")
+    p.add_argument(
+        "--methods",
+        default="ar,sssd:6,sssd-ds:6,sssd,sssd-ds",
+        help="batch-1 methods (jaxspec bench forms; sssd = auto draft tokens)",
+    )
+    p.add_argument("--sweep-methods", default="ar,sssd,sssd-ds,sssd-ds:6")
     p.add_argument(
         "--pld-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens"
     )
@@ -86,18 +93,17 @@ def bench_namespace(args, batch_size: int) -> argparse.Namespace:
     return argparse.Namespace(
         gamma=4, tree="kary_2x3", verifier=None, drafter="layerskip", draft=None,
         draft_layers=None, temperature=0.0, dtype="float32", batch_size=batch_size,
-        draft_tokens=args.draft_tokens, datastore=args.datastore,
+        draft_tokens="auto", datastore=args.datastore,
     )  # fmt: skip
 
 
-def run_jaxspec(model, ids, cats, args, batch_size: int) -> dict:
-    from jaxspec.bench import MethodSpec, run_methods
+def run_jaxspec(model, ids, cats, args, batch_size: int, methods: str) -> dict:
+    from jaxspec.bench import parse_methods, run_methods
     from jaxspec.runner import GenerateOptions
 
-    methods = [MethodSpec("ar", "ar"), MethodSpec("sssd", "sssd"),
-               MethodSpec("sssd-ds", "sssd", datastore=True)]  # fmt: skip
     opts = GenerateOptions(max_new_tokens=args.max_new_tokens, batch_size=batch_size)
-    return run_methods(model, methods, ids, cats, opts, bench_namespace(args, batch_size))
+    return run_methods(model, parse_methods(methods), ids, cats, opts,
+                       bench_namespace(args, batch_size))  # fmt: skip
 
 
 def run_transformers(model, ids, cats, args) -> dict:
@@ -157,7 +163,8 @@ def report(args, info, part1, hf, sweep, n_prompts) -> str:
         f"{n_prompts} prompts (Spec-Bench {args.per_category}/category with chat template; "
         f"HumanEval first {args.humaneval}, raw completion), greedy, fp32, "
         f"{args.max_new_tokens} new tokens, datastore `{info['datastore']}` "
-        f"({info['ds_tokens']:,} tokens). sssd draft tokens: {info['draft_tokens']}. "
+        f"({info['ds_tokens']:,} tokens). `sssd:N` = N draft tokens per step; plain `sssd`: "
+        f"{info['draft_tokens']} (SSSD's rule on this device's measured roofline). "
         "Definitions: the docstring of `scripts/bench_sssd.py`.",
         "",
         "### Batch 1, per category",
@@ -167,7 +174,7 @@ def report(args, info, part1, hf, sweep, n_prompts) -> str:
     head = "| category | AR tok/s | " + " | ".join(f"{n} speedup (tau)" for n in names[1:])
     if hf:
         head += " | transformers tok/s (e2e) | transformers PLD speedup (identical)"
-    lines += [head + " |", "|" + "---|" * (head.count("|") - 1)]
+    lines += [head + " |", "|" + "---|" * head.count("|")]
     ar = part1["ar"]
     rows = [(c or UNCATEGORIZED, c) for c in ar["per_category"]] + [("**overall**", None)]
     for label, c in rows:
@@ -212,14 +219,17 @@ def report(args, info, part1, hf, sweep, n_prompts) -> str:
             f"PLD {pairs[1][0] / pairs[1][1]:.1f} tok/s "
             f"({pairs[1][0] / pairs[1][1] / (pairs[0][0] / pairs[0][1]):.2f}×)."
         )
+    snames = list(next(iter(sweep.values()))[0])
     lines += ["", "### Batch sweep (Spec-Bench prompts; aggregate decode tok/s over the batch)",
-              "", "| batch | AR tok/s | sssd tok/s (× AR, tau, draft tokens) "
-              "| sssd-ds tok/s (× AR, tau) |", "|---|---|---|---|"]  # fmt: skip
+              "", "| batch | auto draft tokens | AR tok/s | "
+              + " | ".join(f"{n} tok/s (× AR, tau)" for n in snames[1:]) + " |",
+              "|---|---|---|" + "---|" * (len(snames) - 1)]  # fmt: skip
     for b, (res, ntok) in sweep.items():
-        a, s, d = (res[k]["overall"] for k in ("ar", "sssd", "sssd-ds"))
-        lines.append(f"| {b} | {a.tokens_per_s:.1f} | {s.tokens_per_s:.1f} "
-                     f"({s.speedup_vs_ar:.2f}×, {s.tau:.2f}, {ntok}) | {d.tokens_per_s:.1f} "
-                     f"({d.speedup_vs_ar:.2f}×, {d.tau:.2f}) |")  # fmt: skip
+        cells = [str(b), str(ntok), f"{res['ar']['overall'].tokens_per_s:.1f}"]
+        for n in snames[1:]:
+            m = res[n]["overall"]
+            cells.append(f"{m.tokens_per_s:.1f} ({m.speedup_vs_ar:.2f}×, {m.tau:.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
     import jax
 
     from jaxspec.bench import aggregate, machine_info, machine_line, speedup, write_section
-    from jaxspec.cli import parse_draft_tokens, sssd_ngram
+    from jaxspec.cli import sssd_ngram
     from jaxspec.drafting.datastore import read_meta
     from jaxspec.models import load_model
 
@@ -237,25 +247,27 @@ def main(argv=None) -> int:
     model = load_model(args.model, "float32", progress=True)
     ids, cats = load_sets(args, model.tokenizer)
     log(f"{len(ids)} prompts; batch 1 part")
-    part1 = run_jaxspec(model, ids, cats, args, 1)
+    part1 = run_jaxspec(model, ids, cats, args, 1, args.methods)
     hf = None if args.skip_transformers else run_transformers(model, ids, cats, args)
     sweep = {}
     sb = [i for i, c in enumerate(cats) if c != "humaneval"]
     for b in batch_sizes:
-        ng = sssd_ngram(parse_draft_tokens(args.draft_tokens), b, "float32")
+        ng = sssd_ngram(None, b, "float32")
         ntok = ng.num_nodes if ng else "0 (AR)"
-        log(f"batch {b}: sssd draft tokens {ntok}")
-        if b == 1:  # part 1's Spec-Bench categories (HumanEval left out, as at other b)
-            res = {}
-            for name, r in part1.items():
+        log(f"batch {b}: auto draft tokens {ntok}")
+        if b == 1 and set(args.sweep_methods.split(",")) <= set(part1):
+            res = {}  # part 1's Spec-Bench categories (HumanEval left out, as at other b)
+            for name in args.sweep_methods.split(","):
+                r = part1[name]
                 parts = [m for c, m in r["per_category"].items() if c != "humaneval"]
                 res[name] = {"overall": aggregate(parts, name, 1)}
             for r in res.values():
                 r["overall"].speedup_vs_ar = speedup(r["overall"], res["ar"]["overall"])
         else:
-            res = run_jaxspec(model, [ids[i] for i in sb], [None] * len(sb), args, b)
+            res = run_jaxspec(model, [ids[i] for i in sb], [None] * len(sb), args, b,
+                              args.sweep_methods)  # fmt: skip
         sweep[b] = (res, ntok)
-    ng1 = sssd_ngram(parse_draft_tokens(args.draft_tokens), 1, "float32")
+    ng1 = sssd_ngram(None, 1, "float32")
     info = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_line(machine_info()),
@@ -263,7 +275,7 @@ def main(argv=None) -> int:
         "command": "python scripts/bench_sssd.py " + shlex.join(argv or sys.argv[1:]),
         "datastore": ds_meta.get("corpus", args.datastore),
         "ds_tokens": ds_meta["num_tokens"],
-        "draft_tokens": f"{args.draft_tokens} (→ {ng1.num_nodes if ng1 else 0} at batch 1)",
+        "draft_tokens": f"auto = {ng1.num_nodes if ng1 else 0} at batch 1",
         "cats": cats,
     }
     md = report(args, info, part1, hf, sweep, len(ids))

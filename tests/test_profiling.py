@@ -113,3 +113,60 @@ def test_profile_device_errors(capsys, argv, needle):
 
     assert main(["profile", "device", *argv]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_profile_topology_cli(tmp_path, capsys):
+    import tomllib
+
+    from jaxspec.cli import main
+    from jaxspec.profiling import write_device_profile
+    from jaxspec.trees import TreeSpec
+
+    prof = {"p": [0.6, 0.15, 0.07], "none": 0.18, "steps": 100, "tau": 1.8, "prompts": 3}
+    acc = write_profile(tmp_path / "acc.toml", prof, {})
+    dev = write_device_profile(tmp_path / "dev.toml", {
+        "batches": [1, 8], "contexts": [256], "tokens": [1, 4, 16],
+        "target_s": [[[0.01, 0.011, 0.02]], [[0.02, 0.06, 0.2]]],
+        "draft_s": [[[0.001, 0.001, 0.002]], [[0.002, 0.004, 0.02]]]}, {})  # fmt: skip
+    out = tmp_path / "topo.toml"
+    code = main(["profile", "topology", "--acceptance", str(acc), "--device", str(dev),
+                 "--max-depth", "5", "--out", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0 and "| 1 | 256 | 4 |" in text and "| 8 | 256 | 1 |" in text
+    t = tomllib.loads(out.read_text())
+    assert TreeSpec(tuple(t["b1_ctx256"])).num_nodes == 4 and t["b8_ctx256"] == [-1]
+    assert main(["profile", "topology", "--acceptance", str(acc), "--device",
+                 str(tmp_path / "none.toml")]) == 2  # fmt: skip
+    assert "unreadable device timing table" in capsys.readouterr().err
+
+
+def test_tree_auto_on_smollm2_equals_ar(smollm2, tmp_path, capsys):
+    """`--tree auto` with an acceptance profile and a device table (written here) picks the
+    bucket's DP tree; greedy output is AR's. A table where nothing pays decodes as AR."""
+    from jaxspec.cli import main
+    from jaxspec.profiling import write_device_profile
+
+    prof = {"p": [0.5, 0.2, 0.1], "none": 0.2, "steps": 100, "tau": 1.8, "prompts": 3}
+    acc = write_profile(tmp_path / "acc.toml", prof, {})
+    fast = write_device_profile(tmp_path / "fast.toml", {
+        "batches": [1], "contexts": [512], "tokens": [1, 4],
+        "target_s": [[[0.01, 0.011]]], "draft_s": [[[0.001, 0.001]]]}, {})  # fmt: skip
+    slow = write_device_profile(tmp_path / "slow.toml", {
+        "batches": [1], "contexts": [512], "tokens": [1, 4],
+        "target_s": [[[0.01, 0.04]]], "draft_s": [[[0.01, 0.01]]]}, {})  # fmt: skip
+    common = ["generate", "--prompt", "Name three colors.", "--max-new-tokens", "16", "--json",
+              "--batch-size", "1"]  # fmt: skip
+    assert main(common) == 0
+    want = json.loads(capsys.readouterr().out)["results"][0]["token_ids"]
+    for dev, tree_used in ((fast, True), (slow, False)):
+        code = main([*common, "--method", "tree", "--tree", "auto", "--draft-layers",
+                     ",".join(map(str, range(20))), "--acceptance-profile", str(acc),
+                     "--device-profile", str(dev)])  # fmt: skip
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        obj = json.loads(out.out)
+        assert obj["results"][0]["token_ids"] == want
+        assert (obj["metrics"]["acceptance_rate"] is not None) == tree_used
+    code = main([*common, "--method", "tree", "--tree", "auto", "--device-profile",
+                 str(tmp_path / "missing.toml"), "--acceptance-profile", str(acc)])  # fmt: skip
+    assert code == 2 and "profile device" in capsys.readouterr().err

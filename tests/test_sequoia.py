@@ -110,3 +110,94 @@ def test_bad_inputs():
         SequoiaDP((0.8, 0.5), 4, 3, 2)
     with pytest.raises(ConfigError, match="outside"):
         SequoiaDP((0.5,), 4, 3, 1).tree(5, 3)
+
+
+# ----------------------------------------------------------------------------- the optimiser
+
+from jaxspec.trees.sequoia import choose_tree, topology_table  # noqa: E402
+
+P = (0.6, 0.15, 0.07, 0.03)
+
+
+def test_optimiser_matches_exhaustive_search():
+    """The repo's sample config (ALGORITHMS.md §4(b)): draft 0.3, target 10..18 for n = 1..32."""
+    tokens = [1, 2, 4, 8, 16, 32]
+    tt = [10, 10, 10, 12, 14, 18]
+    td = [0.3] * 6
+    dp = SequoiaDP(P, 32, 8, 4)
+    got = choose_tree(dp, tokens, tt, td)
+    best = max((dp.value(n, d) * 10 / (d * 0.3 + t), n, d)
+               for n, t in zip(tokens, tt, strict=True) for d in range(2, 9) if n > 1)  # fmt: skip
+    assert got.speedup == pytest.approx(best[0]) and (got.nodes, got.depth) == best[1:]
+    assert got.tree.num_nodes == got.nodes and got.tree.max_depth <= got.depth - 1
+    assert got.expected_tokens == pytest.approx(tree_value(got.tree, P))
+
+
+def test_optimiser_falls_back_to_ar_when_nothing_pays():
+    dp = SequoiaDP(P, 8, 4, 4)
+    got = choose_tree(dp, [1, 2, 4, 8], [10, 20, 40, 80], [10, 10, 10, 10])  # verify not free
+    assert got.tree is None and got.nodes == 1 and got.speedup == 1.0
+
+
+def test_topology_table_per_bucket():
+    device = {"batches": [1, 8], "contexts": [256], "tokens": [1, 4, 16],
+              "target_s": [[[0.01, 0.011, 0.02]], [[0.02, 0.06, 0.2]]],
+              "draft_s": [[[0.001, 0.001, 0.002]], [[0.002, 0.004, 0.02]]]}  # fmt: skip
+    table = topology_table(P, device, max_depth=6)
+    assert [(b, c) for b, c, _ in table] == [(1, 256), (8, 256)]
+    dp = SequoiaDP(P, 16, 6, 4)
+    for bi, (_, _, choice) in enumerate(table):
+        tt, td = device["target_s"][bi][0], device["draft_s"][bi][0]
+        best = max(dp.value(n, d) * tt[0] / (d * td[i] + tt[i])
+                   for i, n in enumerate([1, 4, 16]) if n > 1 for d in range(2, 7))  # fmt: skip
+        assert choice.speedup == pytest.approx(max(best, 1.0))
+    small, big = table[0][2], table[1][2]
+    assert small.nodes == 4 and big.tree is None  # verification is expensive at batch 8
+    with pytest.raises(ConfigError, match="draft"):
+        topology_table(P, {k: v for k, v in device.items() if k != "draft_s"})
+    with pytest.raises(ConfigError, match="n = 1"):
+        choose_tree(SequoiaDP(P, 4, 3, 4), [2, 4], [1, 1], [0, 0])
+
+
+# ----------------------------------------------------------------------------- --tree auto
+
+
+def test_auto_tree_bucket_lookup():
+    from jaxspec.trees.sequoia import AutoTree
+
+    t4, t8 = chain(3), chain(7)
+    auto = AutoTree(((1, 256, t4), (1, 1024, t8), (8, 256, None), (8, 1024, t4)))
+    assert auto.tree_for(1, 100) == t4 and auto.tree_for(1, 300) == t8
+    assert auto.tree_for(1, 5000) == t8  # past the largest context: the largest
+    assert auto.tree_for(2, 100) is None and auto.tree_for(64, 1000) == t4
+
+
+def test_runner_with_a_per_bucket_spec_equals_ar():
+    """A runner whose configuration depends on the bucket (tree at batch 1, AR at batch 2)."""
+    import dataclasses
+
+    import jax
+
+    from jaxspec.model import init_params
+    from jaxspec.runner import GenerateOptions, Runner
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.testing import TINY
+
+    cfg = dataclasses.replace(TINY, num_layers=2)
+    params = init_params(cfg, jax.random.key(0), scale=0.5)
+    prompts = [[5, 9, 11, 4], [7, 7, 30, 21, 2, 8], [12, 13]]
+    want, _ = Runner(params, cfg).run(prompts, GenerateOptions(max_new_tokens=20, batch_size=2))
+    seen = []
+
+    def spec_for(batch, context):
+        seen.append((batch, context))
+        return SpecConfig(cfg, cfg, chain(2)) if batch == 1 else None
+
+    runner = Runner(params, cfg, spec_for, params)
+    taus = []
+    for b in (1, 2):  # batch size 2: a batch of 2 (AR) and a last batch of 1 (tree)
+        outs, m = runner.run(prompts, GenerateOptions(max_new_tokens=20, batch_size=b))
+        assert outs == want
+        taus.append(m.tau)
+    assert {b for b, _ in seen} == {1, 2}
+    assert taus[0] > taus[1] > 1.0  # the AR bucket's steps count with tau 1

@@ -146,3 +146,83 @@ def best_tree(p, n: int, d: int, max_width: int | None = None) -> TreeSpec:
     """The DP-optimal tree of n nodes (root included) and at most d levels for acceptance p."""
     dp = SequoiaDP(tuple(float(x) for x in p), n, d, max_width or len(p))
     return dp.tree(n, d)
+
+
+# ---- the hardware-aware optimiser --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeChoice:
+    """The tree chosen for one (batch, context) bucket (`tree` None: decode autoregressively)."""
+
+    nodes: int  # in-flight tokens per row (root included); 1 = AR
+    depth: int  # levels (root included)
+    tree: TreeSpec | None
+    expected_tokens: float  # G*(nodes, depth)
+    step_s: float  # predicted seconds per step: depth · t_draft(nodes) + t_target(nodes)
+    speedup: float  # predicted: G* · t_target(1) / step_s
+
+
+def choose_tree(dp: SequoiaDP, tokens, t_target, t_draft, max_depth: int | None = None
+                ) -> TreeChoice:  # fmt: skip
+    """Sequoia's optimiser for one bucket: over the measured budgets n (`tokens`, with target and
+    draft forward seconds `t_target[i]`, `t_draft[i]` at n = tokens[i]) and depths d, minimise
+    (d · t_draft(n) + t_target(n)) / G*(n, d) — our step runs d draft passes over the whole tree
+    (d − 1 levels + the pass that leaves KV for every node) and one target pass. AR (n = 1)
+    costs t_target(1) per token; a tree is chosen only if its predicted speedup exceeds 1."""
+    tokens = list(tokens)
+    if 1 not in tokens:
+        raise ConfigError("the timing table needs n = 1 (the autoregressive step) to compare with")
+    t1 = t_target[tokens.index(1)]
+    best = TreeChoice(1, 1, None, 1.0, t1, 1.0)
+    D = min(max_depth or dp.max_depth, dp.max_depth)
+    for i, n in enumerate(tokens):
+        if n < 2 or n > dp.max_nodes:
+            continue
+        for d in range(2, D + 1):
+            g = dp.value(n, d)
+            if not np.isfinite(g):
+                continue
+            step = d * t_draft[i] + t_target[i]
+            if g * t1 / step > best.speedup * (1 + 1e-9):
+                best = TreeChoice(n, d, None, g, step, g * t1 / step)
+    if best.nodes > 1:
+        best = dataclasses.replace(best, tree=dp.tree(best.nodes, best.depth))
+    return best
+
+
+def topology_table(p, device: dict, max_depth: int = 8, max_width: int | None = None) -> list:
+    """A `TreeChoice` per (batch, context) bucket of a device timing table (`jaxspec profile
+    device`: batches, contexts, tokens, target_s[b][c][n], draft_s[b][c][n]) for acceptance p:
+    [(batch, context, TreeChoice)]."""
+    if "draft_s" not in device:
+        raise ConfigError("the device timing table has no draft times (profile it with a draft)")
+    tokens = list(device["tokens"])
+    dp = SequoiaDP(tuple(float(x) for x in p), max(tokens), max_depth, max_width or len(p))
+    out = []
+    for bi, b in enumerate(device["batches"]):
+        for ci, c in enumerate(device["contexts"]):
+            choice = choose_tree(dp, tokens, device["target_s"][bi][ci], device["draft_s"][bi][ci])
+            out.append((b, c, choice))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoTree:
+    """`--tree auto`: the topology table as a lookup. A run's (batch, context) uses the table row
+    of the smallest profiled batch >= it (else the largest) and likewise for the context."""
+
+    table: tuple  # ((batch, context, TreeSpec | None), ...)
+
+    @classmethod
+    def from_choices(cls, choices) -> AutoTree:
+        return cls(tuple((b, c, ch.tree) for b, c, ch in choices))
+
+    def tree_for(self, batch: int, context: int) -> TreeSpec | None:
+        def bucket(values, x):
+            values = sorted(set(values))
+            return next((v for v in values if v >= x), values[-1])
+
+        b = bucket([r[0] for r in self.table], batch)
+        c = bucket([r[1] for r in self.table if r[0] == b], context)
+        return next(t for bb, cc, t in self.table if bb == b and cc == c)
