@@ -42,14 +42,20 @@ def _add_common(p: argparse.ArgumentParser, default=False):
     p.add_argument("--debug", action="store_true", default=default, help="show tracebacks")
 
 
+def _add_draft_args(p: argparse.ArgumentParser, allow_none: bool = False):
+    """--drafter / --draft / --draft-layers (read by `build_draft`)."""
+    choices = ("layerskip", "model", "none") if allow_none else ("layerskip", "model")
+    p.add_argument("--drafter", default="layerskip", choices=choices)
+    p.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
+    p.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
+                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
+
+
 def _add_decoding_args(
     p: argparse.ArgumentParser, batch_size: int, gamma_help: str, tree_help: str
 ):
     """Draft, tree, verifier and sampling options shared by `generate` and `bench`."""
-    p.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
-    p.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
-    p.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
-                   "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
+    _add_draft_args(p)
     p.add_argument("--datastore", type=Path, metavar="DIR",
                    help="sssd: token datastore (jaxspec datastore build) drafted from besides "
                    "the row's own prompt and output")  # fmt: skip
@@ -162,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--limit", type=int, help="use the first N prompts")
     pa.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     pa.add_argument("--width", type=int, default=8, help="children of the root per step (W)")
-    pa.add_argument("--drafter", default="layerskip", choices=("layerskip", "model"))
-    pa.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
-    pa.add_argument("--draft-layers", help="layer-skip draft: target layers kept")
+    _add_draft_args(pa)
     pa.add_argument("--max-new-tokens", type=int, default=64)
     pa.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (top-W draft)")
     pa.add_argument("--top-p", type=float, default=1.0)
@@ -181,9 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--contexts", default="256,1024", help="context buckets (committed tokens)")
     pd.add_argument("--tokens", default="1,2,4,8,16,32,64,128",
                     help="in-flight tokens per row, n (comma list)")  # fmt: skip
-    pd.add_argument("--drafter", default="layerskip", choices=("layerskip", "model", "none"))
-    pd.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
-    pd.add_argument("--draft-layers", help="layer-skip draft: target layers kept")
+    _add_draft_args(pd, allow_none=True)
     pd.add_argument("--reps", type=int, default=3, help="timed runs per point (median)")
     pd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     pd.add_argument("--out", type=Path,
@@ -300,10 +302,8 @@ def auto_spec(args, model, dcfg, dname: str, verifier: str):
     import functools
     import tomllib
 
-    import jax
-
     from jaxspec.errors import ConfigError
-    from jaxspec.profiling import PROFILE_DIR, profile_name, read_profile
+    from jaxspec.profiling import PROFILE_DIR, device_profile_path, profile_name, read_profile
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees.sequoia import AutoTree, topology_table
 
@@ -312,11 +312,7 @@ def auto_spec(args, model, dcfg, dname: str, verifier: str):
         args.acceptance_profile
         or PROFILE_DIR / f"{profile_name(mname, dname, args.temperature)}.toml"
     )
-    dev_path = args.device_profile
-    if dev_path is None:
-        d = jax.devices()[0]
-        device = f"{d.platform}-{d.device_kind}".replace(" ", "_").replace("/", "_")
-        dev_path = PROFILE_DIR / f"device__{device}__{mname}.toml"
+    dev_path = args.device_profile or device_profile_path(mname)
     try:
         device = tomllib.loads(Path(dev_path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -436,7 +432,7 @@ def cmd_profile_device(args) -> int:
 
     from jaxspec.hardware import measure_roofline
     from jaxspec.models import load_model
-    from jaxspec.profiling import PROFILE_DIR, profile_device, write_device_profile
+    from jaxspec.profiling import device_profile_path, profile_device, write_device_profile
 
     batches = _int_list(args.batches, "--batches")
     contexts = _int_list(args.contexts, "--contexts")
@@ -457,10 +453,7 @@ def cmd_profile_device(args) -> int:
         draft = (dcfg, dparams)
     table = profile_device(model.params, model.cfg, batches, contexts, tokens, draft, args.reps)
     roof = measure_roofline(args.dtype)
-    dev = jax.devices()[0]
-    device = f"{dev.platform}-{dev.device_kind}".replace(" ", "_").replace("/", "_")
-    mname = Path(str(model.name)).name
-    out = args.out or PROFILE_DIR / f"device__{device}__{mname}.toml"
+    out = args.out or device_profile_path(Path(str(model.name)).name)
     meta = {"model": str(model.name), "draft": dname, "device": roof.device,
             "dtype": args.dtype, "jax_version": jax.__version__,
             "flops_per_s": roof.flops_per_s, "bytes_per_s": roof.bytes_per_s,

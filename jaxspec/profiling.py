@@ -34,6 +34,15 @@ def profile_name(target: str, draft: str, temperature: float) -> str:
     return f"{clean[0]}__{clean[1]}__T{temperature:g}"
 
 
+def device_profile_path(model_name: str) -> Path:
+    """configs/profiles/device__<platform>-<device kind>__<model>.toml for the default device."""
+    import jax
+
+    d = jax.devices()[0]
+    device = f"{d.platform}-{d.device_kind}".replace(" ", "_").replace("/", "_")
+    return PROFILE_DIR / f"device__{device}__{model_name}.toml"
+
+
 def layerskip_name(keep: tuple[int, ...]) -> str:
     """`layerskip-0-14+20-29` for the kept layers 0..14 and 20..29."""
     runs, start = [], keep[0]

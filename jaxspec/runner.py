@@ -117,17 +117,17 @@ class Runner:
             t0 = time.perf_counter()
             spec_args = (self.params, self.draft_params, state, spec)
             draft = draft_phase.lower(*spec_args).compile()
-            toks_shape = jax.eval_shape(
-                lambda p, d, s: draft_phase(p, d, s, spec)[0], *spec_args[:3]
+            drafted_shape = jax.eval_shape(
+                lambda p, d, s: draft_phase(p, d, s, spec), *spec_args[:3]
             )
-            verify = verify_phase.lower(*spec_args, toks_shape).compile()
+            verify = verify_phase.lower(*spec_args, drafted_shape).compile()
             self._profiled[bucket] = (draft, verify)
             compile_s = time.perf_counter() - t0
         draft, verify = self._profiled[bucket]
         args = (self.params, self.draft_params, state)  # compiled calls omit the static spec
-        toks = jax.block_until_ready(draft(*args))[0]
+        drafted = jax.block_until_ready(draft(*args))
         times = []
-        for fn, extra in ((draft, ()), (verify, (toks,))):
+        for fn, extra in ((draft, ()), (verify, (drafted,))):
             ts = []
             for _ in range(reps):
                 t = time.perf_counter()

@@ -405,14 +405,15 @@ def _spec_generate(params_t, params_d, prompts, prompt_lengths, key, sampling, m
 
 def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
     """The draft phase and the verify forward of one step, as two separate functions (for timing
-    the draft / verify split outside the fused step; same shapes, same work)."""
+    the draft / verify split outside the fused step; same shapes, same work). `verify` takes
+    the draft phase's whole output, so nothing of the draft is recomputed inside it."""
     if spec.ngram is not None:
 
         def ngram_draft():
             return _ngram_draft(spec, params_d, state)
 
-        def ngram_verify(toks):
-            _, _, positions, anc = _ngram_draft(spec, params_d, state)
+        def ngram_verify(drafted):
+            toks, _, positions, anc = drafted
             return forward(params_t, spec.target, toks, positions, state.cache, anc)
 
         return ngram_draft, ngram_verify
@@ -422,8 +423,8 @@ def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
     def draft():
         return _draft(params_d, spec, state, positions, state.rng)
 
-    def verify(toks):
-        return forward(params_t, spec.target, toks, positions, state.cache, anc)
+    def verify(drafted):
+        return forward(params_t, spec.target, drafted[0], positions, state.cache, anc)
 
     return draft, verify
 
@@ -432,8 +433,8 @@ def _draft_only(params_t, params_d, state, spec):
     return _phases(params_t, params_d, state, spec)[0]()
 
 
-def _verify_only(params_t, params_d, state, spec, toks):
-    return _phases(params_t, params_d, state, spec)[1](toks)
+def _verify_only(params_t, params_d, state, spec, drafted):
+    return _phases(params_t, params_d, state, spec)[1](drafted)
 
 
 draft_phase = jax.jit(_draft_only, static_argnums=(3,))
