@@ -79,6 +79,14 @@ def _add_decoding_args(
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_attention_arg(p)
+
+
+def _add_attention_arg(p: argparse.ArgumentParser):
+    p.add_argument(
+        "--attention", default="auto", choices=("auto", "pallas", "reference"),
+        help="attention op: the Pallas kernel on a GPU (auto), or the jnp reference (CPU path)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--batch-size", type=int, default=1)
     pa.add_argument("--seed", type=int, default=0)
     pa.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_attention_arg(pa)
     pa.add_argument("--out", type=Path,
                     help="default: configs/profiles/<target>__<draft>__T<temp>.toml")  # fmt: skip
     _add_common(pa, argparse.SUPPRESS)
@@ -188,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_draft_args(pd, allow_none=True)
     pd.add_argument("--reps", type=int, default=3, help="timed runs per point (median)")
     pd.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    _add_attention_arg(pd)
     pd.add_argument("--out", type=Path,
                     help="default: configs/profiles/device__<device>__<model>.toml")  # fmt: skip
     _add_common(pd, argparse.SUPPRESS)
@@ -245,7 +255,7 @@ def cmd_generate(args) -> int:
     opts.validate()  # before the (slow) model load
     if args.method == "sssd":
         check_sssd_args(args)
-    model = load_model(args.model, args.dtype, progress=not args.json)
+    model = load_model(args.model, args.dtype, progress=not args.json, attention=args.attention)
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
     ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t in texts]
@@ -337,7 +347,7 @@ def build_draft(args, model):
     if args.drafter == "model":
         if not args.draft:
             raise InputError("--drafter model needs --draft NAME|DIR")
-        draft = load_model(args.draft, args.dtype, progress=not args.json)
+        draft = load_model(args.draft, args.dtype, progress=not args.json, attention=args.attention)
         return draft.cfg, draft.params, Path(str(draft.name)).name
     from jaxspec.profiling import layerskip_name
 
@@ -442,7 +452,7 @@ def cmd_profile_device(args) -> int:
     if args.drafter == "model" and not args.draft:
         raise InputError("--drafter model needs --draft NAME|DIR")
     args.json = False
-    model = load_model(args.model, args.dtype, progress=True)
+    model = load_model(args.model, args.dtype, progress=True, attention=args.attention)
     longest = max(contexts) + max(tokens)
     if longest > model.cfg.max_position_embeddings:
         raise InputError(f"context {max(contexts)} + {max(tokens)} tokens exceeds the model's "
@@ -536,7 +546,7 @@ def cmd_profile(args) -> int:
     if args.drafter == "model" and not args.draft:
         raise InputError("--drafter model needs --draft NAME|DIR")
     args.json = False
-    model = load_model(args.model, args.dtype, progress=True)
+    model = load_model(args.model, args.dtype, progress=True, attention=args.attention)
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
     ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t, _ in prompts]

@@ -35,6 +35,9 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+ATTENTION_IMPLS = ("auto", "pallas", "reference")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Static description of a Llama-family decoder."""
@@ -56,8 +59,14 @@ class ModelConfig:
     sliding_window: int | None = None  # keys older than this many positions are masked
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Run-time choice, not part of the checkpoint: the attention op's implementation.
+    attention: str = "auto"  # "auto" | "pallas" | "reference" (see jaxspec/model/attention.py)
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(
+                f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {self.attention!r}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "

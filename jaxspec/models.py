@@ -73,7 +73,19 @@ def ensure_hf(name: str, progress: bool = True) -> Path:
     return hf_dir
 
 
-def load_model(name_or_dir: str = DEFAULT_MODEL, dtype: str = "float32", progress: bool = True):
+def load_model(
+    name_or_dir: str = DEFAULT_MODEL,
+    dtype: str = "float32",
+    progress: bool = True,
+    attention: str = "auto",
+):
+    """A LoadedModel; `attention` (auto | pallas | reference) picks the attention op's
+    implementation for every forward of this model (`ModelConfig.attention`)."""
+    model = _load_model(name_or_dir, dtype, progress)
+    return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, attention=attention))
+
+
+def _load_model(name_or_dir: str, dtype: str, progress: bool):
     if dtype not in DTYPES:
         raise CheckpointError(f"unsupported dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if name_or_dir in REGISTRY:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache
-from jaxspec.model.attention import attend, build_masks
+from jaxspec.model.attention import attend
 from jaxspec.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Bool, Float, Int
@@ -42,7 +42,6 @@ def forward_hidden(
     if inflight is None:
         inflight = causal_mask(T)
     lengths = cache.lengths
-    masks = build_masks(lengths, positions, inflight, cache.num_slots, cfg.sliding_window)
     inv_freq = rope_inv_freq(cfg)
     rows = jnp.arange(B)[:, None]
     slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
@@ -60,7 +59,7 @@ def forward_hidden(
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-        att = attend(q, k_cache, v_cache, k, v, *masks)
+        att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions)
         h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
         h = h + swiglu(x, lp.w_gate_up, lp.w_down)

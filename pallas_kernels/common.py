@@ -1,0 +1,213 @@
+"""Shared pieces of the attention kernels: input validation, backend dispatch, the online-softmax
+block update used inside the kernels, and the exact log-sum-exp merge of partial results.
+
+Conventions (letters as in `jaxspec.types`):
+  q        [B, T, H, E]   in-flight queries (T tree nodes / chain tokens / a prefill segment)
+  k_cache  [B, K, S, E]   the layer's cache; slots `s < lengths[b]` are row b's committed prefix
+  v_cache  [B, K, S, E]   (key position = slot index); slots at and past `lengths[b]` are scratch
+  lengths  [B]            committed prefix length per row, 0 <= lengths[b] <= S
+  k_new    [B, T, K, E]   the in-flight tokens' own K/V
+  v_new    [B, T, K, E]
+  inflight [#B, T, T]     bool: which in-flight tokens each in-flight token sees (ancestor mask)
+GQA: query head h uses KV head h // G (G = H / K). Inside the kernels the G heads of a KV head and
+the T tokens are flattened into R = T * G query rows (row t * G + g), padded to a power of two.
+
+Attention is computed as a *prefix part* (cache slots, read once for all R rows, split over the
+sequence into `num_splits` partial results per (row, KV head)) and an *in-flight part* (the T new
+keys under the ancestor mask), merged exactly by log-sum-exp. Scores, softmax statistics and
+accumulators are float32. Masked keys contribute exactly nothing: their scores are replaced (not
+added to) and their values zeroed, so NaN or garbage in masked or padded K/V never leaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+Impl = Literal["auto", "pallas", "reference"]
+IMPLS = ("auto", "pallas", "reference")
+NEG_INF = -1e30  # finite: exp(NEG_INF - m) underflows to 0 without inf - inf = NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiling of the prefix part. `block_kv`: cache slots per step (a power of two >= 16);
+    `block_q`: query rows per program (a power of two >= 16; fewer rows than that are padded up to
+    a power of two and handled by one program); `num_splits`: partial results per (row, KV head)
+    along the sequence (None: enough programs to fill the device, flash-decoding style);
+    `num_warps`/`num_stages`: GPU launch parameters."""
+
+    block_kv: int = 64
+    block_q: int = 64
+    num_splits: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
+            raise ValueError(f"block_kv must be a power of two >= 16, got {self.block_kv}")
+        if self.block_q < 16 or self.block_q & (self.block_q - 1):
+            raise ValueError(f"block_q must be a power of two >= 16, got {self.block_q}")
+        if self.num_splits is not None and self.num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+
+
+def validate(
+    q, k_cache, v_cache, lengths, k_new, v_new, inflight, block_indices=None
+) -> tuple[int, ...]:
+    """One validation shared by the reference and the kernel: returns (B, T, H, K, S, E)."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [B, T, H, E], got shape {q.shape}")
+    B, T, H, E = q.shape
+    if k_cache.ndim != 4 or k_cache.shape[0] != B or k_cache.shape[3] != E:
+        raise ValueError(f"k_cache must be [B={B}, K, S, E={E}], got shape {k_cache.shape}")
+    K, S = k_cache.shape[1], k_cache.shape[2]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    if H % K:
+        raise ValueError(f"query heads H={H} are not a multiple of KV heads K={K}")
+    for name, x in (("k_new", k_new), ("v_new", v_new)):
+        if x.shape != (B, T, K, E):
+            raise ValueError(f"{name} must be [B, T, K, E] = {(B, T, K, E)}, got {x.shape}")
+    if lengths.shape != (B,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be int[B={B}], got {lengths.dtype}{list(lengths.shape)}")
+    if inflight.ndim != 3 or inflight.shape[0] not in (1, B) or inflight.shape[1:] != (T, T):
+        raise ValueError(f"inflight mask must be bool[#B, T={T}, T={T}], got {inflight.shape}")
+    if inflight.dtype != jnp.bool_:
+        raise ValueError(f"inflight mask must be bool, got {inflight.dtype}")
+    if block_indices is not None:
+        if block_indices.ndim != 3 or block_indices.shape[:2] != (B, K):
+            raise ValueError(
+                f"block_indices must be int[B={B}, K={K}, NB], got {block_indices.shape}"
+            )
+        if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+            raise ValueError(f"block_indices must be integer, got {block_indices.dtype}")
+    return B, T, H, K, S, E
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def dispatch(name: str, impl: str, pallas_fn, reference_fn):
+    """`reference`: the pure-jnp spec (the CPU path). `pallas`: the kernel (interpret mode off the
+    GPU). `auto`: the kernel on a GPU, falling back to the reference only when the kernel raises
+    NotImplementedError for these inputs; the reference elsewhere."""
+    if impl not in IMPLS:
+        raise ValueError(f"{name}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "reference" or (impl == "auto" and not on_gpu()):
+        return reference_fn()
+    if impl == "pallas":
+        return pallas_fn(interpret=not on_gpu())
+    try:
+        return pallas_fn(interpret=False)
+    except NotImplementedError:
+        return reference_fn()
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+def group_queries(q: Float[Array, "B T H E"], K: int, rows: int) -> Float[Array, "B K Rp E"]:
+    """[B, T, H, E] -> [B, K, Rp, E] with row t*G + g = query head k*G + g of token t, scaled by
+    E**-0.5 and zero-padded to `rows` rows."""
+    B, T, H, E = q.shape
+    G = H // K
+    qg = q.reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)
+    qg = qg * jnp.asarray(E**-0.5, q.dtype)
+    return jnp.pad(qg, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))
+
+
+def ungroup(out: Float[Array, "B K Rp E"], T: int, H: int) -> Float[Array, "B T H E"]:
+    B, K, _, E = out.shape
+    G = H // K
+    return out[:, :, : T * G].reshape(B, K, T, G, E).transpose(0, 2, 1, 3, 4).reshape(B, T, H, E)
+
+
+def auto_splits(num_splits: int | None, blocks: int, parallel: int, programs: int = 264) -> int:
+    """Sequence splits so that `parallel` * splits programs fill the device (two per SM of an
+    H100), never more splits than there are KV blocks to walk."""
+    if num_splits is not None:
+        return num_splits
+    return max(1, min(blocks, -(-programs // parallel)))
+
+
+# --- inside the kernels -----------------------------------------------------------------------
+
+
+def init_carry(rows: int, E: int):
+    f32 = jnp.float32
+    return (
+        jnp.full((rows,), NEG_INF, f32),
+        jnp.zeros((rows,), f32),
+        jnp.zeros((rows, E), f32),
+    )
+
+
+def block_update(q, k, v, valid, carry, dot):
+    """One online-softmax step over a block of keys. q [R, E] (pre-scaled), k/v [BK, E],
+    valid bool[BK] (or [R, BK]); carry = (running max m [R], sum l [R], accumulator acc [R, E]).
+    `dot(a, b, trans_b)` is the backend's matmul with float32 accumulation."""
+    m, den, acc = carry
+    if valid.ndim == 1:
+        valid_s, valid_v = valid[None, :], valid[:, None]
+    else:
+        valid_s, valid_v = valid, jnp.any(valid, axis=0)[:, None]
+    s = jnp.where(valid_s, dot(q, k, True), NEG_INF)
+    v = jnp.where(valid_v, v, jnp.zeros_like(v))
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(valid_s, jnp.exp(s - m_new[:, None]), 0.0)
+    den = den * alpha + jnp.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, False)
+    return m_new, den, acc
+
+
+# --- after the kernels ------------------------------------------------------------------------
+
+
+def inflight_part(
+    qg: Float[Array, "B K R E"],
+    k_new: Float[Array, "B T K E"],
+    v_new: Float[Array, "B T K E"],
+    inflight: Bool[Array, "#B T T"],
+    T: int,
+    G: int,
+):
+    """(m, l, acc) of the in-flight keys for the R = T*G real query rows (plain jnp: T is small)."""
+    f32 = jnp.float32
+    R = T * G
+    qr = qg[:, :, :R]
+    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, K, T, E]
+    mask = jnp.repeat(inflight, G, axis=1)[:, None]  # [#B, 1, R, T]
+    live = jnp.any(inflight, axis=1)[:, None, :, None]  # [#B, 1, T, 1]: seen by someone
+    vn = jnp.where(live, vn, jnp.zeros_like(vn))
+    s = jnp.einsum("bkre,bkte->bkrt", qr, kn, preferred_element_type=f32)
+    s = jnp.where(mask, s, NEG_INF)
+    m = jnp.max(s, axis=-1)
+    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+    acc = jnp.einsum("bkrt,bkte->bkre", p.astype(vn.dtype), vn, preferred_element_type=f32)
+    return m, jnp.sum(p, axis=-1), acc
+
+
+def merge(
+    m_p: Float[Array, "B K P Rp"],
+    l_p: Float[Array, "B K P Rp"],
+    acc_p: Float[Array, "B K P Rp E"],
+    part: tuple,
+    R: int,
+) -> Float[Array, "B K R E"]:
+    """Exact log-sum-exp merge of the prefix partials (first R rows) with the in-flight part."""
+    m_t, l_t, acc_t = part
+    m_p, l_p, acc_p = m_p[..., :R], l_p[..., :R], acc_p[..., :R, :]
+    m = jnp.maximum(jnp.max(m_p, axis=2), m_t)
+    w_p = jnp.exp(m_p - m[:, :, None])
+    w_t = jnp.exp(m_t - m)
+    den = jnp.sum(l_p * w_p, axis=2) + l_t * w_t
+    acc = jnp.sum(acc_p * w_p[..., None], axis=2) + acc_t * w_t[..., None]
+    return acc / jnp.where(den == 0, 1.0, den)[..., None]
