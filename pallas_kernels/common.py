@@ -14,9 +14,10 @@ the T tokens are flattened into R = T * G query rows (row t * G + g), padded to 
 
 Attention is computed as a *prefix part* (cache slots, read once for all R rows, split over the
 sequence into `num_splits` partial results per (row, KV head)) and an *in-flight part* (the T new
-keys under the ancestor mask), merged exactly by log-sum-exp. Scores, softmax statistics and
-accumulators are float32. Masked keys contribute exactly nothing: their scores are replaced (not
-added to) and their values zeroed, so NaN or garbage in masked or padded K/V never leaks.
+keys under the ancestor mask, taken by split 0), the partials merged exactly by log-sum-exp.
+Scores, softmax statistics and accumulators are float32. Masked keys contribute exactly nothing:
+their scores are replaced (not added to) and their values zeroed, so NaN or garbage in masked or
+padded K/V never leaks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 Impl = Literal["auto", "pallas", "reference"]
 IMPLS = ("auto", "pallas", "reference")
@@ -123,6 +124,31 @@ def group_queries(q: Float[Array, "B T H E"], K: int, rows: int) -> Float[Array,
     return jnp.pad(qg, ((0, 0), (0, 0), (0, rows - T * G), (0, 0)))
 
 
+def row_tiling(R: int, block_q: int) -> tuple[int, int]:
+    """(rows per program bq, padded rows Rp): bq is a power of two >= 16, Rp a multiple of bq."""
+    bq = min(block_q, next_pow2(R))
+    return bq, -(-R // bq) * bq
+
+
+def tree_keys(
+    k_new: Float[Array, "B T K E"],
+    v_new: Float[Array, "B T K E"],
+    inflight: Bool[Array, "#B T T"],
+    G: int,
+    Rp: int,
+) -> tuple[Float[Array, "B K Tp E"], Float[Array, "B K Tp E"], Int[Array, "#B Rp Tp"]]:
+    """The in-flight keys/values as [B, K, Tp, E] (Tp: a power of two >= 16, zero-padded) and the
+    mask per query row, int8 [#B, Rp, Tp] (row t*G + g sees what token t sees)."""
+    T = k_new.shape[1]
+    Tp = next_pow2(T)
+    pad = ((0, 0), (0, 0), (0, Tp - T), (0, 0))
+    kn = jnp.pad(k_new.transpose(0, 2, 1, 3), pad)
+    vn = jnp.pad(v_new.transpose(0, 2, 1, 3), pad)
+    mask = jnp.repeat(inflight, G, axis=1)
+    mask = jnp.pad(mask, ((0, 0), (0, Rp - T * G), (0, Tp - T))).astype(jnp.int8)
+    return kn, vn, mask
+
+
 def ungroup(out: Float[Array, "B K Rp E"], T: int, H: int) -> Float[Array, "B T H E"]:
     B, K, _, E = out.shape
     G = H // K
@@ -171,43 +197,19 @@ def block_update(q, k, v, valid, carry, dot):
 # --- after the kernels ------------------------------------------------------------------------
 
 
-def inflight_part(
-    qg: Float[Array, "B K R E"],
-    k_new: Float[Array, "B T K E"],
-    v_new: Float[Array, "B T K E"],
-    inflight: Bool[Array, "#B T T"],
-    T: int,
-    G: int,
-):
-    """(m, l, acc) of the in-flight keys for the R = T*G real query rows (plain jnp: T is small)."""
-    f32 = jnp.float32
-    R = T * G
-    qr = qg[:, :, :R]
-    kn, vn = k_new.transpose(0, 2, 1, 3), v_new.transpose(0, 2, 1, 3)  # [B, K, T, E]
-    mask = jnp.repeat(inflight, G, axis=1)[:, None]  # [#B, 1, R, T]
-    live = jnp.any(inflight, axis=1)[:, None, :, None]  # [#B, 1, T, 1]: seen by someone
-    vn = jnp.where(live, vn, jnp.zeros_like(vn))
-    s = jnp.einsum("bkre,bkte->bkrt", qr, kn, preferred_element_type=f32)
-    s = jnp.where(mask, s, NEG_INF)
-    m = jnp.max(s, axis=-1)
-    p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
-    acc = jnp.einsum("bkrt,bkte->bkre", p.astype(vn.dtype), vn, preferred_element_type=f32)
-    return m, jnp.sum(p, axis=-1), acc
-
-
 def merge(
     m_p: Float[Array, "B K P Rp"],
     l_p: Float[Array, "B K P Rp"],
     acc_p: Float[Array, "B K P Rp E"],
-    part: tuple,
     R: int,
 ) -> Float[Array, "B K R E"]:
-    """Exact log-sum-exp merge of the prefix partials (first R rows) with the in-flight part."""
-    m_t, l_t, acc_t = part
+    """Exact log-sum-exp merge of the per-split partials (first R rows); rows that saw no key
+    at all come out as zeros."""
     m_p, l_p, acc_p = m_p[..., :R], l_p[..., :R], acc_p[..., :R, :]
-    m = jnp.maximum(jnp.max(m_p, axis=2), m_t)
-    w_p = jnp.exp(m_p - m[:, :, None])
-    w_t = jnp.exp(m_t - m)
-    den = jnp.sum(l_p * w_p, axis=2) + l_t * w_t
-    acc = jnp.sum(acc_p * w_p[..., None], axis=2) + acc_t * w_t[..., None]
+    if m_p.shape[2] == 1:
+        den, acc = l_p[:, :, 0], acc_p[:, :, 0]
+    else:
+        w = jnp.exp(m_p - jnp.max(m_p, axis=2, keepdims=True))
+        den = jnp.sum(l_p * w, axis=2)
+        acc = jnp.sum(acc_p * w[..., None], axis=2)
     return acc / jnp.where(den == 0, 1.0, den)[..., None]

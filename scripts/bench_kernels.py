@@ -81,6 +81,7 @@ def tree_row(B, ctx, T, bw, bs=None):
     ker = jax.jit(lambda *a: tree_attention(*a, impl="pallas", block_sizes=bs))
     err = rel_err(ker(*args), ref(*args))
     t_ker = timed(ker, *args)
+    t_call = timed(*pallas_call_only(args, bs or BlockSizes()))
     try:
         t_ref = timed(ref, *args)
     except Exception as e:  # noqa: BLE001 - report an out-of-memory reference, keep going
@@ -89,8 +90,26 @@ def tree_row(B, ctx, T, bw, bs=None):
     kv_bytes = 2 * B * K * ctx * E * 2
     floor = kv_bytes / bw
     return dict(op="tree", B=B, ctx=ctx, nodes=T, kernel_us=t_ker * 1e6, xla_us=t_ref * 1e6,
+                pallas_call_us=t_call * 1e6,
                 floor_us=floor * 1e6, vs_floor=t_ker / floor, vs_xla=t_ref / t_ker,
                 rel_err=err)  # fmt: skip
+
+
+def pallas_call_only(args, bs: BlockSizes):
+    """The pallas_call alone (no query/key layout or merge around it): (function, *inputs)."""
+    from pallas_kernels import common
+    from pallas_kernels.tree_attention import kernel
+
+    q, kc, vc, lengths, kn, vn, anc = args
+    B, T, _, _ = q.shape
+    bq, Rp = common.row_tiling(T * (H // K), bs.block_q)
+    qg = common.group_queries(q, K, Rp)
+    kn, vn, mask = common.tree_keys(kn, vn, anc, H // K, Rp)
+    splits = common.auto_splits(bs.num_splits, -(-kc.shape[2] // bs.block_kv), B * K * (Rp // bq))
+    kw = dict(bq=bq, block_kv=bs.block_kv, num_splits=splits, block_sizes=bs,
+              interpret=not common.on_gpu())  # fmt: skip
+    f = jax.jit(lambda *a: kernel.partials(*a, **kw))
+    return f, qg, kc, vc, lengths, kn, vn, mask
 
 
 def sparse_row(B, ctx, T, bw, sink=64, window=1024, block=64):
@@ -118,9 +137,9 @@ def sweep(bw):
     """Block sizes at the goal configuration (B=8, 8K context, 64 nodes)."""
     rows = []
     for bkv in (32, 64, 128):
-        for bq in (32, 64, 128):
+        for bq in (32, 64, 128, 256):
             for warps in (4, 8):
-                for stages in (1, 2, 3):
+                for stages in (2, 3):
                     bs = BlockSizes(block_kv=bkv, block_q=bq, num_warps=warps, num_stages=stages)
                     try:
                         r = tree_row(8, 8192, 64, bw, bs)
@@ -128,8 +147,8 @@ def sweep(bw):
                         print(f"{bs}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                         continue
                     r.update(block_kv=bkv, block_q=bq, warps=warps, stages=stages)
-                    print(f"  sweep {bkv:4d} {bq:4d} {warps} {stages}: {r['kernel_us']:9.1f} us",
-                          flush=True)  # fmt: skip
+                    print(f"  sweep {bkv:4d} {bq:4d} {warps} {stages}: {r['kernel_us']:9.1f} us "
+                          f"(call {r['pallas_call_us']:.1f})", flush=True)  # fmt: skip
                     rows.append(r)
     return rows
 
@@ -208,13 +227,14 @@ def main(argv=None):
             else [(B, ctx, n) for B in (1, 8, 32) for ctx in (2048, 8192, 32768) for n in (16, 64)]
         )
         print(f"{'B':>3} {'ctx':>6} {'N':>3} {'kernel us':>10} {'xla us':>10} {'floor us':>9} "
-              f"{'x floor':>8} {'xla/kern':>8} {'rel err':>8}", flush=True)  # fmt: skip
+              f"{'x floor':>8} {'xla/kern':>8} {'rel err':>8} {'call us':>8}",
+              flush=True)  # fmt: skip
         for B, ctx, n in grid:
             r = tree_row(B, ctx, n, bw)
             rows.append(r)
             print(f"{B:3d} {ctx:6d} {n:3d} {r['kernel_us']:10.1f} {r['xla_us']:10.1f} "
                   f"{r['floor_us']:9.1f} {r['vs_floor']:8.2f} {r['vs_xla']:8.2f} "
-                  f"{r['rel_err']:8.1e}", flush=True)  # fmt: skip
+                  f"{r['rel_err']:8.1e} {r['pallas_call_us']:8.1f}", flush=True)  # fmt: skip
         for B, ctx in ((8, 8192), (32, 32768)) if not args.quick else ((8, 8192),):
             r = sparse_row(B, ctx, 4, bw)
             rows.append(r)

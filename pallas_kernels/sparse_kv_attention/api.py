@@ -44,23 +44,14 @@ def sparse_kv_attention(
         from pallas_kernels.sparse_kv_attention import kernel
 
         G, NB = H // K, block_indices.shape[2]
-        Rp = common.next_pow2(T * G)
+        bq, Rp = common.row_tiling(T * G, bs.block_q)
         qg = common.group_queries(q, K, Rp)
-        parallel = B * K * (Rp // min(Rp, bs.block_q))
-        splits = common.auto_splits(bs.num_splits, NB, parallel)
-        parts = kernel.prefix_partials(
-            qg,
-            k_cache,
-            v_cache,
-            lengths,
-            block_indices,
-            block_size=block_size,
-            block_sizes=bs,
-            num_splits=splits,
-            interpret=interpret,
-        )
-        tree = common.inflight_part(qg, k_new, v_new, inflight, T, G)
-        out = common.merge(*parts, tree, T * G)
-        return common.ungroup(out, T, H).astype(q.dtype)
+        kn, vn, mask = common.tree_keys(k_new, v_new, inflight, G, Rp)
+        splits = common.auto_splits(bs.num_splits, NB, B * K * (Rp // bq))
+        parts = kernel.sparse_partials(
+            qg, k_cache, v_cache, lengths, block_indices, kn, vn, mask, block_size=block_size,
+            bq=bq, num_splits=splits, block_sizes=bs, interpret=interpret,
+        )  # fmt: skip
+        return common.ungroup(common.merge(*parts, T * G), T, H).astype(q.dtype)
 
     return common.dispatch("sparse_kv_attention", impl, pallas, ref)

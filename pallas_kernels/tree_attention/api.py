@@ -43,21 +43,15 @@ def tree_attention(
         if sliding_window is not None:
             raise NotImplementedError("tree_attention kernel: sliding window")
         G = H // K
-        Rp = common.next_pow2(T * G)
+        bq, Rp = common.row_tiling(T * G, bs.block_q)
         qg = common.group_queries(q, K, Rp)
+        kn, vn, mask = common.tree_keys(k_new, v_new, inflight, G, Rp)
         blocks = -(-S // bs.block_kv)
-        parallel = B * K * (Rp // min(Rp, bs.block_q))
-        parts = kernel.prefix_partials(
-            qg,
-            k_cache,
-            v_cache,
-            lengths,
-            block_sizes=bs,
-            num_splits=common.auto_splits(bs.num_splits, blocks, parallel),
-            interpret=interpret,
-        )
-        tree = common.inflight_part(qg, k_new, v_new, inflight, T, G)
-        out = common.merge(*parts, tree, T * G)
-        return common.ungroup(out, T, H).astype(q.dtype)
+        splits = common.auto_splits(bs.num_splits, blocks, B * K * (Rp // bq))
+        parts = kernel.partials(
+            qg, k_cache, v_cache, lengths, kn, vn, mask, bq=bq, block_kv=bs.block_kv,
+            num_splits=splits, block_sizes=bs, interpret=interpret,
+        )  # fmt: skip
+        return common.ungroup(common.merge(*parts, T * G), T, H).astype(q.dtype)
 
     return common.dispatch("tree_attention", impl, pallas, ref)

@@ -1,15 +1,19 @@
-"""Tree attention, Pallas kernel for the prefix part (flash-decoding over the committed prefix).
+"""Tree attention, Pallas kernel: flash-decoding over the committed prefix, tree keys fused in.
 
-Grid (B, K, P): program (b, k, p) holds the R = T*G query rows of row b's KV head k (all tree
-nodes at once, padded to Rp, a power of two >= 16) and walks the cache blocks p, p+P, p+2P, ...
-below lengths[b] (`block_kv` slots per step, the last block masked), keeping the online-softmax
-statistics in registers. It writes one partial (m [Rp], l [Rp], acc [Rp, E]) per split; the api
-merges the P partials with the in-flight part exactly by log-sum-exp. The prefix KV of a row is
-thus read once for all tree nodes and all G query heads of its KV head.
+Grid (B, K, P, Rp // bq): program (b, k, p, r) holds bq query rows (row t*G + g: query head g of
+KV head k for in-flight token t; Rp = the T*G rows padded to a multiple of bq) and walks the
+cache blocks p, p+P, p+2P, ... below lengths[b] (`block_kv` slots per step, slots past the length
+or the cache masked), keeping the online-softmax statistics in registers; split p = 0 then takes
+the in-flight (tree) keys under the ancestor mask. It writes one partial (m [bq], l [bq],
+acc [bq, E], float32) per split; the api merges the P partials by log-sum-exp. A row's prefix KV
+is thus read once for all tree nodes and all G query heads of its KV head.
+
+The walk over the prefix is a parameter (`walk`): contiguous blocks here, a per-(row, KV head)
+block list in `sparse_kv_attention/kernel.py`, which reuses `partials`.
 
 Backend: Pallas lowered through Triton (`plt.CompilerParams`), which the installed JAX still
-ships; on CPU the same kernel runs in interpret mode. A Mosaic GPU port would replace only this
-file (the api, reference and tests stay).
+ships (deprecated since JAX 0.11); on CPU the same kernel runs in interpret mode. A Mosaic GPU
+port would replace only this file and its sparse sibling (api, reference and tests stay).
 """
 
 from __future__ import annotations
@@ -42,57 +46,82 @@ def load_block(ref, start, block: int, num_slots: int):
     return plt.load(ref.at[pl.ds(start, block), :], mask=in_bounds[:, None], other=0)
 
 
-def _kernel(len_ref, q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, bs: BlockSizes, S: int):
-    b, p = pl.program_id(0), pl.program_id(2)
-    P, BK = pl.num_programs(2), bs.block_kv
-    length = len_ref[b]
-    q = q_ref[...]  # [Rp, E]
-    dot = make_dot(q.dtype)
+def contiguous_walk(walk_refs, step, length, p, P, BK, carry):
+    """Blocks p, p+P, ... of [0, lengths[b])."""
+    del walk_refs
     trips = jnp.maximum(pl.cdiv(pl.cdiv(length, BK) - p, P), 0)
+    body = lambda i, c: step(pl.multiple_of((p + i * P) * BK, BK), True, c)  # noqa: E731
+    return jax.lax.fori_loop(0, trips, body, carry)
 
-    def body(i, carry):
-        start = pl.multiple_of((p + i * P) * BK, BK)
-        k = load_block(k_ref, start, BK, S)
+
+def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
+    len_ref, walk_refs = refs[0], refs[1 : 1 + n_walk]
+    q_ref, k_ref, v_ref, kn_ref, vn_ref, mask_ref, m_ref, l_ref, acc_ref = refs[1 + n_walk :]
+    b, p = pl.program_id(0), pl.program_id(2)
+    P = pl.num_programs(2)
+    length = len_ref[b]
+    q = q_ref[...]  # [bq, E], pre-scaled
+    dot = make_dot(q.dtype)
+
+    def step(start, listed, carry):
+        k = load_block(k_ref, start, BK, S)  # [BK, E]
         v = load_block(v_ref, start, BK, S)
-        valid = (start + jnp.arange(BK, dtype=jnp.int32)) < length
+        valid = ((start + jnp.arange(BK, dtype=jnp.int32)) < length) & listed
         return block_update(q, k, v, valid, carry, dot)
 
-    m, den, acc = jax.lax.fori_loop(0, trips, body, init_carry(q.shape[0], q.shape[1]))
+    carry = walk(walk_refs, step, length, p, P, BK, init_carry(q.shape[0], q.shape[1]))
+    tree_mask = (mask_ref[...] != 0) & (p == 0)  # [bq, Tp]: the tree keys, once per row
+    m, den, acc = block_update(q, kn_ref[...], vn_ref[...], tree_mask, carry, dot)
     m_ref[...], l_ref[...], acc_ref[...] = m, den, acc
 
 
-def prefix_partials(
+def partials(
     qg: Float[Array, "B K Rp E"],
     k_cache: Float[Array, "B K S E"],
     v_cache: Float[Array, "B K S E"],
     lengths: Int[Array, " B"],
+    kn: Float[Array, "B K Tp E"],
+    vn: Float[Array, "B K Tp E"],
+    mask: Int[Array, "#B Rp Tp"],
     *,
-    block_sizes: BlockSizes,
+    bq: int,
+    block_kv: int,
     num_splits: int,
+    block_sizes: BlockSizes,
+    walk=contiguous_walk,
+    walk_inputs: tuple = (),
+    walk_specs: tuple = (),
     interpret: bool = False,
+    name: str = "tree_attention",
 ):
-    """(m, l, acc) float32 [B, K, P, Rp(, E)] of the prefix part, one partial per split."""
+    """(m, l, acc) float32 [B, K, P, Rp(, E)]: one partial per split of the walk."""
     B, K, Rp, E = qg.shape
-    S = k_cache.shape[2]
+    S, Tp = k_cache.shape[2], kn.shape[2]
     if E < 16 or E & (E - 1):
-        raise NotImplementedError(f"tree_attention kernel: head dim {E} is not a power of 2 >= 16")
+        raise NotImplementedError(f"{name} kernel: head dim {E} is not a power of two >= 16")
     f32 = jnp.float32
-    kernel = functools.partial(_kernel, bs=block_sizes, S=S)
-    bq = min(Rp, block_sizes.block_q)
-    row = lambda b, k, p, r: (b, k, r, 0)  # noqa: E731
-    kv = lambda b, k, p, r: (b, k, 0, 0)  # noqa: E731
+    kernel = functools.partial(_kernel, walk=walk, n_walk=len(walk_inputs), BK=block_kv, S=S)
+    bh = lambda b, k, p, r: (b, k, 0, 0)  # noqa: E731
+    rows = lambda b, k, p, r: (b, k, r, 0)  # noqa: E731
+    one_mask = mask.shape[0] == 1
+    mask_rows = lambda b, k, p, r: (0 if one_mask else b, r, 0)  # noqa: E731
+    out = lambda b, k, p, r: (b, k, p, r)  # noqa: E731
     return pl.pallas_call(
         kernel,
         grid=(B, K, num_splits, Rp // bq),
         in_specs=[
             pl.BlockSpec((B,), lambda b, k, p, r: (0,)),
-            pl.BlockSpec((None, None, bq, E), row),
-            pl.BlockSpec((None, None, S, E), kv),
-            pl.BlockSpec((None, None, S, E), kv),
+            *walk_specs,
+            pl.BlockSpec((None, None, bq, E), rows),
+            pl.BlockSpec((None, None, S, E), bh),
+            pl.BlockSpec((None, None, S, E), bh),
+            pl.BlockSpec((None, None, Tp, E), bh),
+            pl.BlockSpec((None, None, Tp, E), bh),
+            pl.BlockSpec((None, bq, Tp), mask_rows),
         ],
         out_specs=[
-            pl.BlockSpec((None, None, None, bq), lambda b, k, p, r: (b, k, p, r)),
-            pl.BlockSpec((None, None, None, bq), lambda b, k, p, r: (b, k, p, r)),
+            pl.BlockSpec((None, None, None, bq), out),
+            pl.BlockSpec((None, None, None, bq), out),
             pl.BlockSpec((None, None, None, bq, E), lambda b, k, p, r: (b, k, p, r, 0)),
         ],
         out_shape=[
@@ -104,5 +133,5 @@ def prefix_partials(
             num_warps=block_sizes.num_warps, num_stages=block_sizes.num_stages
         ),
         interpret=interpret,
-        name="tree_attention_prefix",
-    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
+        name=name,
+    )(lengths.astype(jnp.int32), *walk_inputs, qg, k_cache, v_cache, kn, vn, mask)
