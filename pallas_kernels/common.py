@@ -46,7 +46,7 @@ class BlockSizes:
     block_q: int = 64
     num_splits: int | None = None
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3  # defaults: the best of a sweep on an H100 (BENCHMARKS.md)
 
     def __post_init__(self):
         if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
@@ -177,18 +177,23 @@ def init_carry(rows: int, E: int):
 
 def block_update(q, k, v, valid, carry, dot):
     """One online-softmax step over a block of keys. q [R, E] (pre-scaled), k/v [BK, E],
-    valid bool[BK] (or [R, BK]); carry = (running max m [R], sum l [R], accumulator acc [R, E]).
+    valid bool[BK] or [R, BK], or None for a block known to be all visible (no masking work);
+    carry = (running max m [R], sum l [R], accumulator acc [R, E]).
     `dot(a, b, trans_b)` is the backend's matmul with float32 accumulation."""
     m, den, acc = carry
-    if valid.ndim == 1:
-        valid_s, valid_v = valid[None, :], valid[:, None]
-    else:
-        valid_s, valid_v = valid, jnp.any(valid, axis=0)[:, None]
-    s = jnp.where(valid_s, dot(q, k, True), NEG_INF)
-    v = jnp.where(valid_v, v, jnp.zeros_like(v))
+    s = dot(q, k, True)
+    if valid is not None:
+        if valid.ndim == 1:
+            valid_s, valid_v = valid[None, :], valid[:, None]
+        else:  # keys seen by some row (a max, not jnp.any: Triton lowering has no reduce_or)
+            valid_s, valid_v = valid, (jnp.max(valid.astype(jnp.int32), axis=0) > 0)[:, None]
+        s = jnp.where(valid_s, s, NEG_INF)
+        v = jnp.where(valid_v, v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = jnp.exp(m - m_new)
-    p = jnp.where(valid_s, jnp.exp(s - m_new[:, None]), 0.0)
+    p = jnp.exp(s - m_new[:, None])
+    if valid is not None:
+        p = jnp.where(valid_s, p, 0.0)
     den = den * alpha + jnp.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, False)
     return m_new, den, acc

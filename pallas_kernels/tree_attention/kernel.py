@@ -47,11 +47,16 @@ def load_block(ref, start, block: int, num_slots: int):
 
 
 def contiguous_walk(walk_refs, step, length, p, P, BK, carry):
-    """Blocks p, p+P, ... of [0, lengths[b])."""
+    """Blocks p, p+P, ... of [0, lengths[b]): the full blocks unmasked, then the partial last
+    block (masked) in the split it falls to."""
     del walk_refs
-    trips = jnp.maximum(pl.cdiv(pl.cdiv(length, BK) - p, P), 0)
-    body = lambda i, c: step(pl.multiple_of((p + i * P) * BK, BK), True, c)  # noqa: E731
-    return jax.lax.fori_loop(0, trips, body, carry)
+    full = length // BK
+    trips = jnp.maximum(pl.cdiv(full - p, P), 0)
+    body = lambda i, c: step(pl.multiple_of((p + i * P) * BK, BK), None, c)  # noqa: E731
+    carry = jax.lax.fori_loop(0, trips, body, carry)
+    tail = ((length % BK) != 0) & (full % P == p)
+    last = lambda i, c: step(pl.multiple_of(full * BK, BK), True, c)  # noqa: E731
+    return jax.lax.fori_loop(0, tail.astype(jnp.int32), last, carry)
 
 
 def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
@@ -64,7 +69,12 @@ def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
     dot = make_dot(q.dtype)
 
     def step(start, listed, carry):
-        k = load_block(k_ref, start, BK, S)  # [BK, E]
+        """One block of keys at `start`; listed=None: a block wholly below the length."""
+        if listed is None and S >= BK:  # (S < BK: no full block exists, the loop never runs)
+            k, v = k_ref[pl.ds(start, BK), :], v_ref[pl.ds(start, BK), :]  # [BK, E]
+            return block_update(q, k, v, None, carry, dot)
+        listed = True if listed is None else listed
+        k = load_block(k_ref, start, BK, S)
         v = load_block(v_ref, start, BK, S)
         valid = ((start + jnp.arange(BK, dtype=jnp.int32)) < length) & listed
         return block_update(q, k, v, valid, carry, dot)
