@@ -212,8 +212,8 @@ def e2e(B=8, ctx=4096, new=64, dtype="bfloat16"):
             emitted = int(np.asarray(st.n_out).sum())
             rows.append(dict(method=name, attention=impl, B=B, ctx=ctx, dtype=dtype, decode_s=dt,
                              tok_per_s=emitted / dt, steps=int(st.steps)))  # fmt: skip
-            print(f"  e2e {dtype} {name:22s} {impl:9s}: {dt * 1e3:8.1f} ms, {emitted / dt:8.1f} tok/s, "
-                  f"{int(st.steps)} steps", flush=True)  # fmt: skip
+            print(f"  e2e {dtype} {name:20s} {impl:9s}: {dt * 1e3:8.1f} ms, "
+                  f"{emitted / dt:8.1f} tok/s, {int(st.steps)} steps", flush=True)  # fmt: skip
         same = bool((toks["reference"] == toks["pallas"]).all())
         rows[-1]["identical"] = rows[-2]["identical"] = same
         print(f"  e2e {name}: identical tokens = {same}", flush=True)
