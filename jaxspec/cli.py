@@ -85,7 +85,8 @@ def _add_decoding_args(
 def _add_attention_arg(p: argparse.ArgumentParser):
     p.add_argument(
         "--attention", default="auto", choices=("auto", "pallas", "reference"),
-        help="attention op: the Pallas kernel on a GPU (auto), or the jnp reference (CPU path)",
+        help="attention op: auto = the Pallas kernel on a GPU for 16-bit models, else the jnp "
+        "reference (the CPU path); pallas forces the kernel (interpret mode off the GPU)",
     )  # fmt: skip
 
 

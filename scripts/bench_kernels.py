@@ -224,7 +224,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few configurations only")
     ap.add_argument("--sweep", action="store_true", help="block-size sweep at B=8, 8K, 64 nodes")
-    ap.add_argument("--e2e", action="store_true", help="end-to-end decode, kernels on vs off")
+    ap.add_argument("--e2e", nargs="?", const="both", choices=("both", "bfloat16", "float32"),
+                    help="end-to-end decode, kernels on vs off")  # fmt: skip
     ap.add_argument("--no-grid", action="store_true", help="skip the B x context x nodes grid")
     ap.add_argument("--json", type=Path, help="write all rows here")
     args = ap.parse_args(argv)
@@ -258,8 +259,9 @@ def main(argv=None):
             print(f"sparse B={B} ctx={ctx} blocks={r['blocks']}: kernel {r['kernel_us']:.1f} us, "
                   f"xla {r['xla_us']:.1f} us, dense kernel {r['dense_kernel_us']:.1f} us, "
                   f"{r['vs_floor']:.2f}x floor, err {r['rel_err']:.1e}", flush=True)  # fmt: skip
-    if args.e2e:
+    if args.e2e in ("both", "bfloat16"):
         rows += e2e()
+    if args.e2e in ("both", "float32"):
         with jax.default_matmul_precision("highest"):
             rows += e2e(dtype="float32")
     if args.json:

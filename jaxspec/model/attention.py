@@ -5,8 +5,8 @@ the row's committed prefix, `lengths[b]` cache slots, plus the in-flight tokens 
 causal for plain decoding and prefill chunks, the ancestor mask for a token tree). The cache is
 only read here; the new K/V are written once after the layer loop. `cfg.attention` picks the
 implementation: "reference" (pure jnp, the CPU path), "pallas" (the Pallas kernel; interpret mode
-off the GPU) or "auto" (the kernel on a GPU, the reference elsewhere or where the kernel does not
-cover the configuration, e.g. a sliding window).
+off the GPU) or "auto" (on a GPU the kernel for bf16/fp16 models; the reference on CPU, for
+float32 models and where the kernel does not cover the configuration, e.g. a sliding window).
 """
 
 from __future__ import annotations

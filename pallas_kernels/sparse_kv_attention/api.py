@@ -54,4 +54,4 @@ def sparse_kv_attention(
         )  # fmt: skip
         return common.ungroup(common.merge(*parts, T * G), T, H).astype(q.dtype)
 
-    return common.dispatch("sparse_kv_attention", impl, pallas, ref)
+    return common.dispatch("sparse_kv_attention", impl, pallas, ref, q.dtype)

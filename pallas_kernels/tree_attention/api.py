@@ -54,4 +54,4 @@ def tree_attention(
         )  # fmt: skip
         return common.ungroup(common.merge(*parts, T * G), T, H).astype(q.dtype)
 
-    return common.dispatch("tree_attention", impl, pallas, ref)
+    return common.dispatch("tree_attention", impl, pallas, ref, q.dtype)

@@ -80,8 +80,16 @@ def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
         return block_update(q, k, v, valid, carry, dot)
 
     carry = walk(walk_refs, step, length, p, P, BK, init_carry(q.shape[0], q.shape[1]))
-    tree_mask = (mask_ref[...] != 0) & (p == 0)  # [bq, Tp]: the tree keys, once per row
-    m, den, acc = block_update(q, kn_ref[...], vn_ref[...], tree_mask, carry, dot)
+    # The in-flight (tree) keys, once per row (split 0), in blocks of TK (bounded on-chip memory
+    # for long prefill chunks).
+    TK = min(BK, kn_ref.shape[0])
+
+    def tree_step(j, carry):
+        cols = pl.ds(pl.multiple_of(j * TK, TK), TK)
+        mask = (mask_ref[:, cols] != 0) & (p == 0)  # [bq, TK]
+        return block_update(q, kn_ref[cols, :], vn_ref[cols, :], mask, carry, dot)
+
+    m, den, acc = jax.lax.fori_loop(0, kn_ref.shape[0] // TK, tree_step, carry)
     m_ref[...], l_ref[...], acc_ref[...] = m, den, acc
 
 
