@@ -410,7 +410,15 @@ def cmd_bench(args) -> int:
         if p is not None and p.is_dir():
             raise InputError(f"{p}: is a directory, expected a file path")
 
-    model = load_model(args.model, args.dtype, progress=True, attention=args.attention)
+    from jaxspec.cli import build_prefill
+
+    model = load_model(
+        args.model,
+        args.dtype,
+        progress=True,
+        attention=args.attention,
+        prefill=build_prefill(args),
+    )
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
     ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t, _ in prompts]

@@ -80,6 +80,37 @@ def _add_decoding_args(
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_attention_arg(p)
+    _add_prefill_args(p)
+
+
+def _add_prefill_args(p: argparse.ArgumentParser):
+    """--prefill and CritiPrefill's hyper-parameters (read by `build_prefill`)."""
+    from jaxspec.critiprefill import CritiPrefill
+
+    d = CritiPrefill()
+    g = p.add_argument_group("prefill")
+    g.add_argument("--prefill", default="dense", choices=("dense", "critiprefill"),
+                   help="critiprefill: block-sparse attention for prompt segments past "
+                   "--threshold (lossy prefill; decoding after it is exact)")  # fmt: skip
+    g.add_argument("--segment", type=int, default=d.segment, help="queries per segment (chunk)")
+    g.add_argument("--block", type=int, default=d.block, help="KV block size (slots)")
+    g.add_argument("--budget", type=int, default=d.budget, help="tokens of selected blocks")
+    g.add_argument("--threshold", type=int, default=d.threshold,
+                   help="segments starting before this are dense (>= --budget)")  # fmt: skip
+    g.add_argument("--no-layer-fusion", action="store_true",
+                   help="score each layer on its own (no 0.25/0.75 fusion)")  # fmt: skip
+
+
+def build_prefill(args):
+    """The target's CritiPrefill config from --prefill ..., or None for dense prefill."""
+    from jaxspec.critiprefill import CritiPrefill
+
+    if getattr(args, "prefill", "dense") == "dense":
+        return None
+    return CritiPrefill(
+        segment=args.segment, block=args.block, budget=args.budget, threshold=args.threshold,
+        layer_fusion=not args.no_layer_fusion,
+    )  # fmt: skip
 
 
 def _add_attention_arg(p: argparse.ArgumentParser):
@@ -256,7 +287,13 @@ def cmd_generate(args) -> int:
     opts.validate()  # before the (slow) model load
     if args.method == "sssd":
         check_sssd_args(args)
-    model = load_model(args.model, args.dtype, progress=not args.json, attention=args.attention)
+    model = load_model(
+        args.model,
+        args.dtype,
+        progress=not args.json,
+        attention=args.attention,
+        prefill=build_prefill(args),
+    )
     if model.tokenizer is None:
         raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
     ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t in texts]

@@ -61,6 +61,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     # Run-time choice, not part of the checkpoint: the attention op's implementation.
     attention: str = "auto"  # "auto" | "pallas" | "reference" (see jaxspec/model/attention.py)
+    prefill: Any = None  # a jaxspec.critiprefill.CritiPrefill for sparse prefill; None = dense
 
     def __post_init__(self):
         if self.attention not in ATTENTION_IMPLS:

@@ -78,11 +78,14 @@ def load_model(
     dtype: str = "float32",
     progress: bool = True,
     attention: str = "auto",
+    prefill=None,
 ):
     """A LoadedModel; `attention` (auto | pallas | reference) picks the attention op's
-    implementation for every forward of this model (`ModelConfig.attention`)."""
+    implementation for every forward of this model (`ModelConfig.attention`); `prefill` a
+    `jaxspec.critiprefill.CritiPrefill` for block-sparse prefill (None: dense)."""
     model = _load_model(name_or_dir, dtype, progress)
-    return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, attention=attention))
+    cfg = dataclasses.replace(model.cfg, attention=attention, prefill=prefill)
+    return dataclasses.replace(model, cfg=cfg)
 
 
 def _load_model(name_or_dir: str, dtype: str, progress: bool):

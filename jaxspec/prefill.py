@@ -3,6 +3,8 @@
 Prompts are right-padded to P (a multiple of the chunk C); a `fori_loop` feeds C tokens of every
 row per iteration, and each row advances its cache length by its own count, so padding never
 enters the cache. Returns the cache and each row's final hidden state of its last prompt token.
+With `cfg.prefill` (CritiPrefill) the chunk is its segment and each chunk decides on device whether
+it runs block-sparse (`jaxspec/critiprefill.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxspec import critiprefill
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache, advance, init_cache
 from jaxspec.model import forward_hidden
@@ -36,6 +39,9 @@ def prefill_cache(
     """A cache of `slots` slots holding each row's prompt (lengths = prompt_lengths), and the
     final hidden state of each row's last prompt token."""
     B, P = prompts.shape
+    cp = cfg.prefill
+    if cp is not None:
+        chunk = cp.segment  # CritiPrefill's segments are the prefill chunks
     if P % chunk:
         raise ValueError(f"padded prompt length {P} is not a multiple of the chunk {chunk}")
     cache = init_cache(cfg, B, slots, params.embed.dtype)
@@ -45,7 +51,8 @@ def prefill_cache(
         toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
         n_valid = jnp.clip(prompt_lengths - c * chunk, 0, chunk)
         positions = cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-        h, cache = forward_hidden(params, cfg, toks, positions, cache)
+        sparse = None if cp is None else critiprefill.segment_is_sparse(cp, c, prompt_lengths)
+        h, cache = forward_hidden(params, cfg, toks, positions, cache, sparse_prefill=sparse)
         ends_here = (n_valid > 0) & (prompt_lengths <= (c + 1) * chunk)
         h_last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
         last_h = jnp.where(ends_here[:, None], h_last, last_h)

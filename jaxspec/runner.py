@@ -150,6 +150,9 @@ class Runner:
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
             P = prompt_bucket(max(map(len, batch)))
             chunk = min(opts.chunk, P & -P)  # P & -P: largest power of two dividing P
+            if self.cfg.prefill is not None:  # CritiPrefill: whole segments, chunk = segment
+                chunk = self.cfg.prefill.segment
+                P = -(-P // chunk) * chunk
             arr = np.zeros((B, P), np.int32)
             lens = np.zeros((B,), np.int32)
             for i, ids in enumerate(batch):

@@ -56,6 +56,24 @@ BAD = [
     (["generate"], "--prompt"),
     (["convert", "--gguf", "/no/such.gguf", "--out", "/tmp/x"], "/no/such.gguf"),
     (["convert", "--hf", "/no/such/hf", "--out", "/tmp/x"], "/no/such/hf"),
+    (
+        [
+            "generate",
+            "--prompt",
+            "hi",
+            "--prefill",
+            "critiprefill",
+            "--threshold",
+            "1024",
+            "--budget",
+            "2048",
+        ],
+        "must be >= the budget",
+    ),  # fmt: skip
+    (
+        ["generate", "--prompt", "hi", "--prefill", "critiprefill", "--segment", "500"],
+        "multiple of the block",
+    ),  # fmt: skip
 ]
 
 
@@ -142,3 +160,21 @@ def test_model_drafter_needs_a_draft(capsys):
     code, _, err = run_cli(capsys, "generate", "--prompt", "x", "--method", "chain",
                            "--drafter", "model")  # fmt: skip
     assert code == 2 and "--draft" in err
+
+
+def test_critiprefill_on_smollm2(smollm2, capsys):
+    """CritiPrefill on the real model: with the threshold past the prompt nothing is pruned and
+    the output equals dense prefill's; an aggressive setting prunes and still decodes."""
+    text = " ".join(f"Item {i} is a {'red' if i % 3 else 'blue'} box." for i in range(60))
+    base = ["generate", "--prompt", text, "--max-new-tokens", "6", "--json", "--no-chat"]
+
+    def tokens(*extra):
+        code, out, _ = run_cli(capsys, *base, *extra)
+        assert code == 0
+        return json.loads(out)["results"][0]["token_ids"]
+
+    dense = tokens()
+    cp = ["--prefill", "critiprefill", "--segment", "64", "--block", "16"]
+    assert tokens(*cp, "--budget", "128", "--threshold", "4096") == dense
+    pruned = tokens(*cp, "--budget", "64", "--threshold", "128")
+    assert len(pruned) == 6

@@ -95,13 +95,13 @@ def load_params(path: str | Path, shardings=None) -> tuple[ModelConfig, Params]:
 
 def _cfg_dict(cfg: ModelConfig) -> dict:
     d = dataclasses.asdict(cfg)
-    del d["attention"]  # a run-time choice, not part of the model
+    del d["attention"], d["prefill"]  # run-time choices, not part of the model
     return d
 
 
 def _cfg_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
-    d.pop("attention", None)
+    d.pop("attention", None), d.pop("prefill", None)
     if d.get("rope_scaling"):
         d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
     d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxspec import critiprefill
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache
 from jaxspec.model.attention import attend
@@ -36,8 +37,11 @@ def forward_hidden(
     positions: Int[Array, "B T"],
     cache: KVCache,
     inflight: Bool[Array, "#B T T"] | None = None,
+    sparse_prefill: Bool[Array, ""] | None = None,
 ) -> tuple[Float[Array, "B T M"], KVCache]:
-    """Final-normed hidden states of the in-flight tokens, and the cache with their K/V written."""
+    """Final-normed hidden states of the in-flight tokens, and the cache with their K/V written.
+    `sparse_prefill` (a prefill chunk of a model with `cfg.prefill` set): whether this chunk runs
+    CritiPrefill's block-sparse attention (`jaxspec/critiprefill.py`)."""
     B, T = tokens.shape
     if inflight is None:
         inflight = causal_mask(T)
@@ -46,9 +50,14 @@ def forward_hidden(
     rows = jnp.arange(B)[:, None]
     slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     h = params.embed[tokens]
+    cp = cfg.prefill if sparse_prefill is not None else None
+    state = None
+    if cp is not None:
+        state = critiprefill.init_state(cp, B, cfg.num_kv_heads, cache.num_slots, sparse_prefill)
 
-    def layer(h, xs):
-        lp, k_cache, v_cache = xs
+    def layer(carry, xs):
+        h, state = carry
+        lp, k_cache, v_cache, index = xs
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
         qkv = jnp.einsum("btm,mkce->btkce", x, lp.wqkv)  # one fused projection
         if lp.bqkv is not None:
@@ -59,13 +68,19 @@ def forward_hidden(
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
-        att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions)
+        if cp is None:
+            att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions)
+        else:
+            att, state = critiprefill.attend(
+                cp, cfg, index, state, q, k_cache, v_cache, lengths, k, v, inflight, positions
+            )
         h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
         h = h + swiglu(x, lp.w_gate_up, lp.w_down)
-        return h, (k, v)
+        return (h, state), (k, v)
 
-    h, (k_new, v_new) = jax.lax.scan(layer, h, (params.layers, cache.k, cache.v))
+    xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))
+    (h, _), (k_new, v_new) = jax.lax.scan(layer, (h, state), xs)
     # The new K/V rows go to slots lengths + t, written once after the layers, in place (writes
     # past S are dropped). Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
     k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")

@@ -17,19 +17,6 @@ from pallas_kernels.common import validate
 from pallas_kernels.tree_attention.reference import dense_attention
 
 
-def selected_slots(
-    block_indices: Int[Array, "B K NB"], block_size: int, num_slots: int
-) -> Bool[Array, "B K S"]:
-    """Which cache slots the block lists select (a scatter, not a [.., NB, S] comparison)."""
-    B, K, _ = block_indices.shape
-    nblocks = -(-num_slots // block_size)
-    idx = jnp.where(block_indices < 0, nblocks, block_indices)  # -1 -> a dropped extra block
-    rows = jnp.arange(B)[:, None, None]
-    heads = jnp.arange(K)[None, :, None]
-    sel = jnp.zeros((B, K, nblocks + 1), bool).at[rows, heads, idx].set(True, mode="drop")
-    return jnp.repeat(sel[:, :, :nblocks], block_size, axis=2)[:, :, :num_slots]
-
-
 def sparse_kv_attention(
     q: Float[Array, "B T H E"],
     k_cache: Float[Array, "B K S E"],
@@ -42,9 +29,16 @@ def sparse_kv_attention(
     *,
     block_size: int,
 ) -> Float[Array, "B T H E"]:
+    """Gathers the listed blocks' slots ([B, K, NB*block_size], so the work scales with the
+    blocks read, not the cache) and attends to them plus the in-flight tokens."""
     B, T, H, K, S, E = validate(q, k_cache, v_cache, lengths, k_new, v_new, inflight, block_indices)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    slot_valid = jnp.arange(S, dtype=jnp.int32)[None, :] < lengths[:, None]  # [B, S]
-    prefix = selected_slots(block_indices, block_size, S) & slot_valid[:, None, :]
-    return dense_attention(q, k_cache, v_cache, k_new, v_new, prefix[:, :, None], inflight, prefix)
+    NB = block_indices.shape[2]
+    slots = block_indices[..., None] * block_size + jnp.arange(block_size, dtype=jnp.int32)
+    valid = (block_indices[..., None] >= 0) & (slots < lengths[:, None, None, None])
+    slots, valid = slots.reshape(B, K, NB * block_size), valid.reshape(B, K, NB * block_size)
+    idx = jnp.clip(slots, 0, S - 1)[..., None]  # slots past the cache are invalid anyway
+    k_sel = jnp.take_along_axis(k_cache, idx, axis=2)
+    v_sel = jnp.take_along_axis(v_cache, idx, axis=2)
+    return dense_attention(q, k_sel, v_sel, k_new, v_new, valid[:, :, None], inflight, valid)
