@@ -80,6 +80,11 @@ class Tokenizer:
             return self._tok.encode(rendered, add_special_tokens=False).ids
         return self._tok.encode(text).ids
 
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of a chat (e.g. a system and a user turn) through the chat template."""
+        rendered = self.apply_chat_template(messages)
+        return self._tok.encode(rendered, add_special_tokens=False).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of raw texts (no chat template, no special tokens), encoded in parallel."""
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets
