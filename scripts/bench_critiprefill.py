@@ -44,7 +44,7 @@ def configs(spec: str):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--lengths", default="2048,4096,8192")
+    ap.add_argument("--lengths", default="2048,4096,8192", help="'' = skip the TTFT part")
     ap.add_argument("--configs", default="512,32,2048,4096;512,32,1024,2048",
                     help="';'-separated S,Bk,beta,tau")  # fmt: skip
     ap.add_argument("--niah", type=Path, default=DATA / "niah_8k.jsonl")
@@ -75,7 +75,7 @@ def main(argv=None):
         for name, cp in cfgs
     }
     one = GenerateOptions(max_new_tokens=1, batch_size=1, chunk=512)
-    for L in (int(x) for x in args.lengths.split(",")):
+    for L in (int(x) for x in args.lengths.split(",") if x):
         ids = book_ids[: L - 64]
         base = None
         for name, _ in cfgs:
@@ -94,10 +94,9 @@ def main(argv=None):
     if recs:
         prompts = []
         for r in recs:
-            msgs = [
-                {"role": "system", "content": r["system"]},
-                {"role": "user", "content": r["prompt"]},
-            ]
+            msgs = [{"role": "user", "content": r["prompt"]}]
+            if r.get("system"):
+                msgs.insert(0, {"role": "system", "content": r["system"]})
             text = tok.apply_chat_template(msgs)
             prompts.append(tok._tok.encode(text, add_special_tokens=False).ids)
         opts = GenerateOptions(max_new_tokens=32, batch_size=1, chunk=512)
