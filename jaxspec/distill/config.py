@@ -33,7 +33,7 @@ class DistillConfig:
     layers: tuple[int, ...] = (0, 10, 20, 29)  # target layers the draft is initialised from
     draft_vocab: int = 8192  # head tokens (0: the full vocabulary)
     # training
-    steps: int = 400
+    steps: int = 360
     batch_size: int = 16  # sequences per step
     max_len: int = 384  # sequence length (prompt + continuation), longer ones are cut
     lr: float = 1e-3
