@@ -226,3 +226,21 @@ def test_named_draft_missing_is_a_clear_error(tmp_path, monkeypatch):
         load_model("smollm2-135m-draft")
     with pytest.raises(ConfigError, match="layers"):
         DistillConfig(layers=(3, 1))
+
+
+def test_eval_script_chain_walk():
+    """scripts/eval_draft.py's greedy chain walk: token 0 comes from prefill; each step accepts
+    the run of correct drafts (at most γ) and adds the bonus token."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "eval_draft.py"
+    spec = importlib.util.spec_from_file_location("eval_draft", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    match = np.asarray([0, 1, 1, 0, 1, 1, 1, 1, 0], bool)  # 9 tokens, 8 after prefill
+    # γ = 2: [1,2 ok → +bonus 3] [4,5 ok → bonus 6] [7 ok, 8 wrong → bonus 8]: 3 steps
+    steps, emitted, hist = mod.chain_walk(match, 2)
+    assert (steps, emitted, hist.tolist()) == (3, 8, [0, 1, 2])
+    steps, emitted, hist = mod.chain_walk(np.zeros(5, bool), 3)
+    assert (steps, emitted, hist.tolist()) == (4, 4, [4, 0, 0, 0])
