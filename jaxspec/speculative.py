@@ -36,6 +36,7 @@ from flax import struct
 
 from jaxspec.config import ModelConfig
 from jaxspec.drafting.ngram import NgramConfig, children_of, ngram_tree
+from jaxspec.drafting.vocab import draft_forward, model_params
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache
 from jaxspec.model import forward, lm_head
@@ -151,7 +152,7 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
     zq = None
     dcache = state.draft_cache
     for level, (start, stop) in enumerate(tree.level_slices[:-1]):
-        logits, _ = forward(params_d, spec.draft, toks, positions, dcache, anc)
+        logits, _ = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
         nodes = np.arange(start, stop)
         z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(
             logits[:, start:stop]
@@ -162,7 +163,7 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
             for r, child in enumerate(tree.children[node][: tree.num_children[node]]):
                 toks = toks.at[:, child].set(kids[:, j, r])
     if tree.num_speculated:  # draft KV for every node (the accepted path's rows are committed)
-        _, dcache = forward(params_d, spec.draft, toks, positions, dcache, anc)
+        _, dcache = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
     n_inner = 0 if zq is None else zq.shape[1]
     if n_inner < tree.num_nodes:  # leaves of the last level: never used as q
         pad = jnp.zeros((B, tree.num_nodes - n_inner, spec.target.vocab_size), jnp.float32)
@@ -359,7 +360,8 @@ def spec_prefill(
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
     dcache = None
     if spec.uses_draft_model:
-        dcache, _ = prefill_cache(params_d, spec.draft, prompts, lengths, slots=slots, chunk=chunk)
+        dcache, _ = prefill_cache(model_params(params_d), spec.draft, prompts, lengths,
+                                  slots=slots, chunk=chunk)  # fmt: skip
     key, sub = jax.random.split(key)
     first = sample(lm_head(params_t, last_h[:, None])[:, 0], sampling, sub)
     max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)
