@@ -100,6 +100,15 @@ def main(argv=None):
             text = tok.apply_chat_template(msgs)
             prompts.append(tok._tok.encode(text, add_special_tokens=False).ids)
         opts = GenerateOptions(max_new_tokens=32, batch_size=1, chunk=512)
+        room = model.cfg.max_position_embeddings - opts.max_new_tokens
+        fits = [i for i, ids in enumerate(prompts) if len(ids) <= room]
+        if len(fits) < len(prompts):
+            skipped = len(prompts) - len(fits)
+            print(f"skipping {skipped} needle prompts longer than the model's context "
+                  f"({room} + {opts.max_new_tokens} tokens)", flush=True)  # fmt: skip
+        recs, prompts = [recs[i] for i in fits], [prompts[i] for i in fits]
+        lines.append(f"Needle prompts: {len(prompts)}, {min(map(len, prompts))}–"
+                     f"{max(map(len, prompts))} tokens")  # fmt: skip
         lines += ["", "| configuration | " + " | ".join(f"~{c // 1000}K chars" for c in
                   sorted({round(r['context_chars'], -3) for r in recs})) + " | all |"]  # fmt: skip
         lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
