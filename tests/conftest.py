@@ -1,5 +1,7 @@
 """Shared fixtures. Tests run on CPU in float32; `gpu`-marked tests skip without a GPU."""
 
+import gc
+
 import jax
 import pytest
 
@@ -10,6 +12,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop every compiled executable after each test module. One process compiles thousands of
+    programs over the suite (the kernels in interpret mode, many tree shapes); a CI run that kept
+    them all crashed inside XLA's compiler near the end of the suite (segfault in
+    backend_compile), while each module passed on its own."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
