@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tests_helpers_joint import chi_square_ok
 
 from jaxspec.drafting.ngram import NgramConfig
 from jaxspec.kv_cache import init_cache
@@ -65,19 +66,6 @@ def sample_system(verifier, tree, key=0, ngram=None, prompt=PROMPT, ds=None) -> 
     counts = np.zeros((8, 8, 8))
     np.add.at(counts, (toks[:, 0], toks[:, 1], toks[:, 2]), 1)
     return counts
-
-
-def chi_square_ok(counts: np.ndarray, p: np.ndarray) -> tuple[bool, float, int]:
-    expected = (p * counts.sum()).ravel()
-    observed = counts.ravel()
-    assert observed[expected == 0].sum() == 0, "a token with probability 0 was emitted"
-    small = expected < 5
-    exp = np.append(expected[~small], expected[small].sum())
-    obs = np.append(observed[~small], observed[small].sum())
-    keep = exp > 0
-    chi2 = float((((obs - exp) ** 2)[keep] / exp[keep]).sum())
-    dof = int(keep.sum()) - 1
-    return chi2 < dof + 5 * np.sqrt(2 * dof), chi2, dof
 
 
 JOINT = None
