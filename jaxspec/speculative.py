@@ -34,11 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxspec import magicdec
 from jaxspec.config import ModelConfig
 from jaxspec.drafting.ngram import NgramConfig, children_of, ngram_tree
 from jaxspec.drafting.vocab import draft_forward, model_params
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache
+from jaxspec.magicdec import DraftRing, MagicDec
 from jaxspec.model import forward, lm_head
 from jaxspec.model.params import Params
 from jaxspec.prefill import is_eos, prefill_cache
@@ -60,6 +62,8 @@ class SpecConfig:
     verifier: str = "greedy"
     # model-free n-gram drafting (SSSD); `tree` and `draft` are then unused (pass chain(0), target)
     ngram: NgramConfig | None = None
+    # MagicDec: the draft reads a compact sink + sliding-window cache (`jaxspec.magicdec`)
+    magicdec: MagicDec | None = None
 
     def __post_init__(self):
         if self.verifier not in VERIFIERS:
@@ -69,6 +73,13 @@ class SpecConfig:
                 f"n-gram drafts are deterministic: verify them with greedy (T = 0) or point_mass, "
                 f"not {self.verifier!r}"
             )
+        if self.magicdec is not None:
+            if self.ngram is not None:
+                raise ConfigError("MagicDec drafts with a model: it cannot be combined with ngram")
+            self.magicdec.check(self.num_nodes, self.draft)
+            if self.magicdec.self_draft and self.draft != self.target:
+                raise ConfigError("MagicDec self-speculation drafts with the target's own weights: "
+                                  "the draft config must be the target's")  # fmt: skip
         if self.draft.vocab_size != self.target.vocab_size:
             raise ConfigError(
                 f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
@@ -120,6 +131,8 @@ class SpecState:
     rank_hist: Int[Array, "B W1"]
     # n-gram drafting only: prompt ⊕ emitted tokens, history[b, :cache.lengths[b] + 1]
     history: Int[Array, "B H"] | None = None
+    # MagicDec only: the compact draft cache's ring bookkeeping (`draft_cache` is the compact one)
+    draft_ring: DraftRing | None = None
 
 
 def _draw_children(spec: SpecConfig, z, fanout: np.ndarray, key):
@@ -143,14 +156,23 @@ def _draw_children(spec: SpecConfig, z, fanout: np.ndarray, key):
     return kids
 
 
+def _draft_cache(spec: SpecConfig, state: SpecState) -> KVCache:
+    """The draft cache a step drafts with (MagicDec: the compact cache, prepared)."""
+    if spec.magicdec is None:
+        return state.draft_cache
+    md, total = spec.magicdec, state.cache.lengths
+    return magicdec.prepare(md, spec.draft, state.draft_cache, state.draft_ring, total)
+
+
 def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
-    """Tree tokens [B, N1], processed draft logits per node [B, N1, V], draft cache with scratch."""
+    """Tree tokens [B, N1], processed draft logits per node [B, N1, V], draft cache with scratch
+    (the draft KV of every node, except where MagicDec commits the target's KV instead)."""
     tree = spec.tree
     B = state.root.shape[0]
     anc = jnp.asarray(tree.ancestor_mask)[None]
     toks = jnp.zeros((B, tree.num_nodes), jnp.int32).at[:, 0].set(state.root)
     zq = None
-    dcache = state.draft_cache
+    dcache = _draft_cache(spec, state)
     for level, (start, stop) in enumerate(tree.level_slices[:-1]):
         logits, _ = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
         nodes = np.arange(start, stop)
@@ -162,7 +184,8 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots
             for r, child in enumerate(tree.children[node][: tree.num_children[node]]):
                 toks = toks.at[:, child].set(kids[:, j, r])
-    if tree.num_speculated:  # draft KV for every node (the accepted path's rows are committed)
+    own_kv = spec.magicdec is None or not spec.magicdec.commit_target_kv
+    if tree.num_speculated and own_kv:  # draft KV for every node (the accepted path is committed)
         _, dcache = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
     n_inner = 0 if zq is None else zq.shape[1]
     if n_inner < tree.num_nodes:  # leaves of the last level: never used as q
@@ -315,9 +338,14 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
     # commit root (node 0) + the accepted path in both caches; a row's cache always holds every
     # emitted token but the last (the next root), so truncated rows commit only `count` rows
     idx = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), path[:, :D]], axis=1)
-    cache = _commit_cache(cache, idx, count)
-    if dcache is not None:
+    ring = state.draft_ring
+    if spec.magicdec is not None and dcache is not None:  # into the compact cache's window
+        md, total = spec.magicdec, state.cache.lengths
+        src, start = (cache, total) if md.commit_target_kv else (dcache, dcache.lengths)
+        dcache, ring = magicdec.commit(md, dcache, ring, src, start, idx, count, total)
+    elif dcache is not None:
         dcache = _commit_cache(dcache, idx, count)
+    cache = _commit_cache(cache, idx, count)
     history = state.history
     if history is not None:  # emitted tokens follow the old root at h = lengths + 1
         hdst = jnp.where(j < count[:, None], state.cache.lengths[:, None] + 1 + j, history.shape[1])
@@ -330,6 +358,7 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
         done=done,
         cache=cache,
         draft_cache=dcache,
+        draft_ring=ring,
         rng=rng,
         steps=state.steps + 1,
         live_steps=state.live_steps + live,
@@ -358,8 +387,10 @@ def spec_prefill(
     slots = P + max_new_tokens + spec.num_nodes
     lengths = prompt_lengths.astype(jnp.int32)
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
-    dcache = None
-    if spec.uses_draft_model:
+    dcache, ring = None, None
+    if spec.uses_draft_model and spec.magicdec is not None:
+        dcache, ring = _magicdec_prefill(params_d, spec, cache, prompts, lengths, chunk)
+    elif spec.uses_draft_model:
         dcache, _ = prefill_cache(model_params(params_d), spec.draft, prompts, lengths,
                                   slots=slots, chunk=chunk)  # fmt: skip
     key, sub = jax.random.split(key)
@@ -386,7 +417,25 @@ def spec_prefill(
         accept_hist=jnp.zeros((B, D1), jnp.int32),
         rank_hist=jnp.zeros((B, spec.max_width + 1), jnp.int32),
         history=history,
+        draft_ring=ring,
     )
+
+
+def _magicdec_prefill(params_d, spec: SpecConfig, cache: KVCache, prompts, lengths, chunk: int):
+    """MagicDec's compact draft cache (+ ring) built from the prompt by `spec.magicdec.builder`."""
+    md = spec.magicdec
+    scratch = spec.num_nodes
+    if md.builder == "streaming":
+        c = min(chunk, 1 << (md.window.bit_length() - 1))  # a power of two <= the window
+        return magicdec.build_streaming(md, model_params(params_d), spec.draft, prompts, lengths,
+                                        chunk=c, scratch=scratch)  # fmt: skip
+    if md.builder == "snapkv":
+        return magicdec.build_snapkv(md, params_d, spec.draft, cache, prompts, lengths, scratch)
+    dense = cache
+    if not md.self_draft:  # the draft model's own dense prompt KV, compacted
+        dense, _ = prefill_cache(model_params(params_d), spec.draft, prompts, lengths,
+                                 slots=prompts.shape[1], chunk=chunk)  # fmt: skip
+    return magicdec.build_copy(md, dense, scratch)
 
 
 def _spec_decode(params_t, params_d, state: SpecState, spec: SpecConfig) -> SpecState:
@@ -423,7 +472,7 @@ def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
     anc = jnp.asarray(spec.tree.ancestor_mask)[None]
 
     def draft():
-        return _draft(params_d, spec, state, positions, state.rng)
+        return _draft(params_d, spec, state, positions, state.rng)  # prepares a compact cache
 
     def verify(drafted):
         return forward(params_t, spec.target, drafted[0], positions, state.cache, anc)

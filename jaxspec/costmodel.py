@@ -1,0 +1,438 @@
+"""MagicDec's decode cost model and speedup model, and the (γ, draft KV budget) chooser
+(ALGORITHMS.md §1(b)).
+
+Conventions and units:
+  * Seconds, bytes, FLOPs. F = `Roofline.flops_per_s`, BW = `Roofline.bytes_per_s`, and the ridge
+    R = F / BW is in FLOPs per byte. An op takes max(FLOPs / F, bytes / BW). A layer's parameter
+    op and its KV op do not overlap: their times add.
+  * b = batch (rows). n = context: the cached tokens each query attends to. The s in-flight
+    tokens' own keys are not added; that is negligible for n ≫ s. s = query tokens per row in
+    one forward: 1 for an autoregressive step, γ + 1 to verify γ drafted tokens.
+  * Model dims come from `ModelConfig`: d = hidden_size, H = num_heads, Hkv = num_kv_heads,
+    e = head_dim, I = intermediate_size, V = vocab_size, g = H / Hkv.
+  * Parameter counts are exact for a Llama-family layer's matmul weights:
+      - wq d×H·e, wk and wv d×Hkv·e each, wo H·e×d;
+      - the SwiGLU MLP, 3 matrices d×I;
+      - the LM head V×d, once per step rather than per layer (also when it is tied to the
+        embedding).
+    Norm weights, biases, RoPE, softmax and the embedding lookup are O(d) per token; they are
+    ignored. A weight is read once per step (`itemsize` bytes) and costs 2 FLOPs per query
+    token, so the step's b·s query tokens share one weight read.
+  * A cached token costs, per layer:
+      - 2·Hkv·e·itemsize bytes of K and V, read once per row per step and shared by the row's
+        s queries;
+      - 4·H·e FLOPs per query (QKᵀ and PV).
+  * The parameter op is compute-bound iff b·s ≥ R·itemsize/2 (`Roofline.knee_tokens`). The KV
+    op is compute-bound iff s·g ≥ R·itemsize/2, which is rare.
+  * Speedups compare the predicted time per generated token with autoregressive decoding,
+    t_target(b, n, 1) per token. They assume i.i.d. per-token acceptance α (chain) or a given
+    expected tokens per step G (tree).
+
+Choosing γ and the draft KV budget (MagicDec, self-speculation with a K-slot sparse draft cache):
+  * `choose_speculation(alphas, timing, batch, context)` maximises `speedup_chain` over γ ∈ 1..8
+    and the measured budgets K. The timing source gives
+      - t_target(b, n, s);
+      - t_draft(b, K), one draft step over a K-slot cache.
+    For self-speculation t_draft(b, K) = t_target(b, K, 1). At context n < K the draft cache
+    holds only n tokens, so the chooser asks for t_draft(b, min(K, n)).
+  * It returns None (decode autoregressively) unless the best predicted speedup exceeds 1.
+  * Ties go to the smaller γ, then the smaller budget.
+  * `AnalyticTiming` takes its times from `step_time` and a Roofline.
+  * `MeasuredTiming` takes them from a `jaxspec profile device` table. It interpolates linearly in
+    context and tokens between measured points, at a profiled batch only, and raises ConfigError
+    outside the grid; it never extrapolates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from jaxspec.config import ModelConfig
+from jaxspec.errors import ConfigError
+
+if TYPE_CHECKING:
+    from jaxspec.hardware import Roofline
+
+GAMMAS = tuple(range(1, 9))  # MagicDec's γ search range
+BUDGETS = (256, 512, 1024, 2048, 4096)  # MagicDec's draft KV budgets (α must be measured per K)
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+
+def _positive_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _nonneg(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.number) or not v >= 0:
+        raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def _time(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.number):
+        raise ConfigError(f"{name} must be a time in seconds > 0, got {v!r}")
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"{name} must be a time in seconds > 0, got {v!r}")
+    return float(v)
+
+
+def _alpha(v, what: str = "alpha") -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float | np.number) or not 0 <= v <= 1:
+        raise ConfigError(f"{what} must be an acceptance rate in [0, 1], got {v!r}")
+    return float(v)
+
+
+# ---- the analytic cost model -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCost:
+    """Byte and FLOP counts of a decoder for one forward (conventions in the module docstring)."""
+
+    num_layers: int
+    param_bytes: float  # one layer's weights, read once per step
+    param_flops: float  # one layer's weight FLOPs per query token (2 per weight)
+    kv_bytes: float  # K and V of one cached token in one layer (2·Hkv·e·itemsize)
+    kv_flops: float  # one layer's attention FLOPs per (query token, cached token) (4·H·e)
+    head_bytes: float = 0.0  # LM head weights, read once per step
+    head_flops: float = 0.0  # LM head FLOPs per query token
+
+    def layer_times(self, roofline: Roofline, batch: int, context: float, tokens: int
+                    ) -> tuple[float, float]:  # fmt: skip
+        """(parameter-op seconds, KV-op seconds) of one layer:
+        max(s·b·FLOP_param/F, bytes_param/BW) and max(s·b·n·FLOP_kv/F, b·n·bytes_kv/BW)."""
+        b, s = _positive_int("batch", batch), _positive_int("tokens", tokens)
+        n = _nonneg("context", context)
+        F, BW = roofline.flops_per_s, roofline.bytes_per_s
+        t_param = max(s * b * self.param_flops / F, self.param_bytes / BW)
+        t_kv = max(s * b * n * self.kv_flops / F, b * n * self.kv_bytes / BW)
+        return t_param, t_kv
+
+    def step_time(self, roofline: Roofline, batch: int, context: float, tokens: int) -> float:
+        """Seconds of one forward: num_layers · (parameter op + KV op) + the LM head,
+        max(s·b·FLOP_head/F, bytes_head/BW)."""
+        t_param, t_kv = self.layer_times(roofline, batch, context, tokens)
+        F, BW = roofline.flops_per_s, roofline.bytes_per_s
+        head = max(tokens * batch * self.head_flops / F, self.head_bytes / BW)
+        return self.num_layers * (t_param + t_kv) + head
+
+    def critical_length(self, roofline: Roofline, batch: int, tokens: int) -> float:
+        """The context n* at which a layer's KV-op time equals its parameter-op time. The KV op
+        takes b·n·max(s·FLOP_kv/F, bytes_kv/BW), which is linear in n, so
+
+            n* = max(s·b·FLOP_param/F, bytes_param/BW) / (b · max(s·FLOP_kv/F, bytes_kv/BW)).
+
+        Each max picks its regime (compute- or memory-bound, see the module docstring), so this
+        is exact in all four cases. Above n*, KV loading dominates the layer."""
+        b, s = _positive_int("batch", batch), _positive_int("tokens", tokens)
+        F, BW = roofline.flops_per_s, roofline.bytes_per_s
+        t_param = max(s * b * self.param_flops / F, self.param_bytes / BW)
+        return t_param / (b * max(s * self.kv_flops / F, self.kv_bytes / BW))
+
+
+def decode_cost(cfg: ModelConfig, itemsize: int) -> DecodeCost:
+    """Exact matmul-weight counts of `cfg` (see the module docstring) at `itemsize` bytes per
+    weight and per cached K/V element."""
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError(f"decode_cost needs a ModelConfig, got {type(cfg).__name__}")
+    item = _positive_int("itemsize", itemsize)
+    d, e, H, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    weights = d * H * e + 2 * d * Hkv * e + H * e * d + 3 * d * cfg.intermediate_size
+    head = cfg.vocab_size * d
+    return DecodeCost(
+        num_layers=cfg.num_layers,
+        param_bytes=float(weights * item),
+        param_flops=float(2 * weights),
+        kv_bytes=float(2 * Hkv * e * item),
+        kv_flops=float(4 * H * e),
+        head_bytes=float(head * item),
+        head_flops=float(2 * head),
+    )
+
+
+def paper_decode_cost(hidden_size: int, group_size: int, itemsize: int = 2) -> DecodeCost:
+    """MagicDec's Table 1 layer, with no LM head and num_layers = 1. It has (10d² + 2d²/g)
+    weights: QKVO is 2d² + 2d²/g, and the MLP is 4d wide with two matrices (8d²). A cached
+    token is 2·(d/g) K/V elements and 4d FLOPs per query. At itemsize 2 this is the table's
+    2·(10d² + 2d²/g) bytes, 4·b·n·d/g KV bytes and 4·b·n·d KV FLOPs."""
+    d, g = _positive_int("hidden_size", hidden_size), _positive_int("group_size", group_size)
+    item = _positive_int("itemsize", itemsize)
+    weights = 10 * d * d + 2 * d * d / g
+    return DecodeCost(1, weights * item, 2 * weights, 2 * d / g * item, 4.0 * d)
+
+
+def step_time(cfg: ModelConfig, roofline: Roofline, batch: int, context: float, tokens: int,
+              itemsize: int) -> float:  # fmt: skip
+    """Seconds of one forward of `tokens` query tokens per row for `batch` rows over `context`
+    cached tokens: Σ_layers [max(s·b·FLOP_param/F, bytes_param/BW)
+    + max(s·b·n·FLOP_kv/F, b·n·bytes_kv/BW)] + max(s·b·FLOP_head/F, bytes_head/BW)."""
+    return decode_cost(cfg, itemsize).step_time(roofline, batch, context, tokens)
+
+
+def critical_length(cfg: ModelConfig, roofline: Roofline, batch: int, tokens: int,
+                    itemsize: int) -> float:  # fmt: skip
+    """The context at which a layer's KV-op time equals its parameter-op time, from exact counts
+    (`DecodeCost.critical_length`)."""
+    return decode_cost(cfg, itemsize).critical_length(roofline, batch, tokens)
+
+
+def paper_critical_length(hidden_size: int, group_size: int, ridge: float, batch: int,
+                          tokens: int) -> float:  # fmt: skip
+    """ALGORITHMS.md's closed form from Table 1 (bf16, KV op memory-bound, i.e. s·g < R):
+    n* = s·(10g + 2)·d / (2R) when b·s ≥ R (compute-bound parameter GEMMs), else
+    (10g + 2)·d / (2b)."""
+    d, g = _positive_int("hidden_size", hidden_size), _positive_int("group_size", group_size)
+    b, s = _positive_int("batch", batch), _positive_int("tokens", tokens)
+    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0:
+        raise ConfigError(f"ridge must be FLOPs per byte > 0, got {ridge!r}")
+    if b * s >= ridge:
+        return s * (10 * g + 2) * d / (2 * ridge)
+    return (10 * g + 2) * d / (2 * b)
+
+
+# ---- speedup models ----------------------------------------------------------------------------
+
+
+def omega(alpha: float, gamma: int) -> float:
+    """Ω(γ, α) = 1 + α + … + α^γ = (1 − α^{γ+1}) / (1 − α): the expected tokens per step
+    (accepted drafts + the bonus token) with γ drafts accepted i.i.d. with rate α; γ + 1 at
+    α = 1."""
+    a, g = _alpha(alpha), _positive_int("gamma", gamma)
+    return float(sum(a**i for i in range(g + 1)))
+
+
+def speedup_chain(alpha: float, gamma: int, t_target_1: float, t_draft: float,
+                  t_verify: float) -> float:  # fmt: skip
+    """Ω(γ, α) · T_T(1) / (γ · T_D + T_V(γ + 1)). Here T_T(1) is the target's autoregressive step,
+    T_D one draft step, and T_V(γ + 1) the target's verify step over γ + 1 tokens."""
+    t1 = _time("t_target_1", t_target_1)
+    td, tv = _time("t_draft", t_draft), _time("t_verify", t_verify)
+    return omega(alpha, gamma) * t1 / (gamma * td + tv)
+
+
+def speedup_tree(expected_tokens: float, depth: int, t_target_1: float, t_draft: float,
+                 t_verify: float) -> float:  # fmt: skip
+    """G / ((T_target(L) + D · T_draft) / T_target(1)). G is the tree's expected tokens per step
+    (Sequoia's G*), D the number of draft passes (depth), and T_target(L) = `t_verify` the
+    target's step over the L-node tree."""
+    if isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int | float):
+        raise ConfigError(f"expected_tokens must be a number >= 1, got {expected_tokens!r}")
+    if not expected_tokens >= 1:
+        raise ConfigError(f"expected_tokens must be a number >= 1, got {expected_tokens!r}")
+    D = _positive_int("depth", depth)
+    t1 = _time("t_target_1", t_target_1)
+    td, tv = _time("t_draft", t_draft), _time("t_verify", t_verify)
+    return float(expected_tokens) / ((tv + D * td) / t1)
+
+
+# ---- timing sources ----------------------------------------------------------------------------
+
+
+class Timing(Protocol):
+    """Seconds per forward: the target over `tokens` queries per row and `context` cached
+    tokens, and one draft step over a `budget`-slot draft cache."""
+
+    def t_target(self, batch: int, context: int, tokens: int) -> float: ...
+
+    def t_draft(self, batch: int, budget: int) -> float: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyticTiming:
+    """Times from `step_time` on a Roofline. The draft is `draft_cfg` if given, else the target
+    itself (self-speculation): t_draft(b, K) = step_time(draft, b, K, 1)."""
+
+    cfg: ModelConfig
+    roofline: Roofline
+    itemsize: int
+    draft_cfg: ModelConfig | None = None
+
+    def t_target(self, batch: int, context: int, tokens: int) -> float:
+        return step_time(self.cfg, self.roofline, batch, context, tokens, self.itemsize)
+
+    def t_draft(self, batch: int, budget: int) -> float:
+        cfg = self.draft_cfg or self.cfg
+        return step_time(cfg, self.roofline, batch, budget, 1, self.itemsize)
+
+
+def _axis(table: Mapping, key: str, source: str) -> tuple[int, ...]:
+    v = table.get(key)
+    if not isinstance(v, list | tuple) or not v:
+        raise ConfigError(f"{source}: {key!r} must be a non-empty list, got {v!r}")
+    vals = tuple(_positive_int(f"{source}: {key} entry", x) for x in v)
+    if any(a >= b for a, b in zip(vals, vals[1:], strict=False)):
+        raise ConfigError(f"{source}: {key!r} must be strictly increasing, got {list(vals)}")
+    return vals
+
+
+def _grid(table: Mapping, key: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+    try:
+        arr = np.asarray(table[key], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        raise ConfigError(f"{source}: {key!r} must be a [batch][context][tokens] table of "
+                          f"seconds, got {table.get(key)!r:.80}") from None  # fmt: skip
+    if arr.shape != shape:
+        raise ConfigError(f"{source}: {key!r} has shape {arr.shape}, expected {shape} "
+                          "(batches × contexts × tokens)")  # fmt: skip
+    if not (np.all(np.isfinite(arr)) and np.all(arr > 0)):
+        raise ConfigError(f"{source}: {key!r} holds a non-positive or non-finite time")
+    return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class MeasuredTiming:
+    """Times from a `jaxspec profile device` table: `batches`, `contexts`, `tokens` (strictly
+    increasing) and `target_s[b][c][n]` (optionally `draft_s`, same shape), in seconds.
+
+    * t_target(b, n, s) takes the batch's plane and interpolates bilinearly in (context,
+      tokens) between measured points. A batch that is not in the table raises ConfigError,
+      since there is no interpolation across batches. So does a context or token count outside
+      the measured range: nothing is extrapolated.
+    * t_draft(b, K) is t_target(b, K, 1) under self-speculation (the default). With
+      `self_spec=False` it is the table's `draft_s` at context K and 1 token."""
+
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    tokens: tuple[int, ...]
+    target_s: np.ndarray = dataclasses.field(compare=False, repr=False)
+    draft_s: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    self_spec: bool = True
+    source: str = "device timing table"
+
+    @classmethod
+    def from_table(cls, table: Mapping, self_spec: bool = True,
+                   source: str = "device timing table") -> MeasuredTiming:  # fmt: skip
+        """From the dict a `jaxspec profile device` TOML parses to (checked)."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: expected a table (dict), got {type(table).__name__}")
+        axes = [_axis(table, k, source) for k in ("batches", "contexts", "tokens")]
+        shape = tuple(len(a) for a in axes)
+        target = _grid(table, "target_s", shape, source)
+        draft = _grid(table, "draft_s", shape, source) if "draft_s" in table else None
+        if not self_spec and draft is None:
+            raise ConfigError(f"{source}: self_spec=False needs 'draft_s' (profile with a draft)")
+        return cls(*axes, target, draft, self_spec, source)
+
+    @classmethod
+    def from_file(cls, path: str | Path, self_spec: bool = True) -> MeasuredTiming:
+        """Read a `configs/profiles/device__*.toml` written by `jaxspec profile device`."""
+        try:
+            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"{path}: unreadable device timing table ({e})") from None
+        return cls.from_table(table, self_spec, str(path))
+
+    def _lookup(self, grid: np.ndarray, batch: int, context: int, tokens: int) -> float:
+        b = _positive_int("batch", batch)
+        if b not in self.batches:
+            raise ConfigError(f"{self.source}: batch {b} is not in the table "
+                              f"(batches: {list(self.batches)})")  # fmt: skip
+        for name, x, axis in (("context", context, self.contexts),
+                              ("tokens", tokens, self.tokens)):  # fmt: skip
+            if not axis[0] <= x <= axis[-1]:
+                raise ConfigError(f"{self.source}: {name} {x} is outside the measured range "
+                                  f"[{axis[0]}, {axis[-1]}] (no extrapolation)")  # fmt: skip
+        plane = grid[self.batches.index(b)]  # [context][tokens]
+        row = np.array([np.interp(tokens, self.tokens, plane[i]) for i in range(len(plane))])
+        return float(np.interp(context, self.contexts, row))
+
+    def t_target(self, batch: int, context: int, tokens: int) -> float:
+        return self._lookup(self.target_s, batch, context, tokens)
+
+    def t_draft(self, batch: int, budget: int) -> float:
+        grid = self.target_s if self.self_spec else self.draft_s
+        return self._lookup(grid, batch, budget, 1)
+
+
+# ---- the chooser -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Pick:
+    """The chosen chain speculation for one (batch, context) bucket and the timings used."""
+
+    gamma: int  # drafted tokens per step
+    budget: int  # draft KV budget K
+    alpha: float  # α(K) used
+    speedup: float  # predicted: Ω(γ, α) · target_1_s / (γ · draft_s + verify_s)
+    target_1_s: float  # t_target(b, n, 1)
+    draft_s: float  # t_draft(b, min(K, n))
+    verify_s: float  # t_target(b, n, γ + 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_alphas(alphas: Mapping[int, float]) -> dict[int, float]:
+    if not isinstance(alphas, Mapping) or not alphas:
+        raise ConfigError(f"alphas must be a non-empty mapping budget -> acceptance rate, "
+                          f"got {alphas!r}")  # fmt: skip
+    out = {}
+    for k, a in sorted(alphas.items()):
+        out[_positive_int("draft KV budget", k)] = _alpha(a, f"alpha for budget {k}")
+    return out
+
+
+def _check_gammas(gammas: Iterable[int]) -> tuple[int, ...]:
+    gs = tuple(gammas)
+    if not gs:
+        raise ConfigError("gammas must be a non-empty list of integers >= 1, got []")
+    return tuple(sorted({_positive_int("gamma", g) for g in gs}))
+
+
+def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, context: int,
+                       gammas: Iterable[int] = GAMMAS) -> Pick | None:  # fmt: skip
+    """The (γ, K) maximising `speedup_chain` for one bucket. `alphas` maps each measured draft KV
+    budget K to its acceptance rate α(K). Returns None (autoregressive) unless the best
+    prediction exceeds 1. Ties go to the smaller γ, then the smaller K."""
+    al, gs = _check_alphas(alphas), _check_gammas(gammas)
+    b, n = _positive_int("batch", batch), _positive_int("context", context)
+    t1 = _time(f"t_target(batch={b}, context={n}, tokens=1)", timing.t_target(b, n, 1))
+    best = None
+    for g in gs:
+        tv = _time(f"t_target(batch={b}, context={n}, tokens={g + 1})",
+                   timing.t_target(b, n, g + 1))  # fmt: skip
+        for k, a in al.items():
+            kk = min(k, n)
+            td = _time(f"t_draft(batch={b}, budget={kk})", timing.t_draft(b, kk))
+            s = speedup_chain(a, g, t1, td, tv)
+            if best is None or s > best.speedup:
+                best = Pick(g, k, a, s, t1, td, tv)
+    return best if best is not None and best.speedup > 1 else None
+
+
+def speculation_table(
+    alphas: Mapping[int, float],
+    timing: Timing,
+    batches: Sequence[int],
+    contexts: Sequence[int],
+    gammas: Iterable[int] = GAMMAS,
+) -> list[dict]:
+    """`choose_speculation` for every (batch, context). Returns one plain dict per bucket (TOML-
+    and JSON-friendly): batch, context, gamma, budget, alpha, speedup, target_1_s, draft_s,
+    verify_s. An autoregressive bucket has gamma = budget = 0, alpha = draft_s = 0,
+    speedup = 1 and verify_s = target_1_s."""
+    if not list(batches) or not list(contexts):
+        raise ConfigError(f"batches and contexts must be non-empty, got {list(batches)} and "
+                          f"{list(contexts)}")  # fmt: skip
+    gs = _check_gammas(gammas)
+    rows = []
+    for b in batches:
+        for c in contexts:
+            pick = choose_speculation(alphas, timing, b, c, gs)
+            if pick is None:
+                t1 = timing.t_target(b, c, 1)
+                pick = Pick(0, 0, 0.0, 1.0, t1, 0.0, t1)
+            rows.append({"batch": int(b), "context": int(c), **pick.to_dict()})
+    return rows

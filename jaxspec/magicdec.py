@@ -1,0 +1,229 @@
+"""MagicDec's draft cache: a fixed-size sparse KV cache per row (attention sink + sliding window).
+
+ALGORITHMS.md §1. The draft (the target's own weights for self-speculation, or a small draft
+model) reads a compact `KVCache` of `budget + scratch` slots instead of the full context, so its
+step costs O(budget) KV reads however long the context grows.
+
+Layout of the compact cache (`F` fixed slots, a ring of `W = budget − F` window slots):
+  * slots [0, F)        the fixed entries: the first F tokens (StreamingLLM's attention sinks,
+                        `sink`), or for SnapKV the F = budget − obs_window selected tokens;
+  * slots [F, budget)   a ring over the most recent tokens: the committed token with position
+                        t ≥ ring0 lives at slot F + (t − ring0) mod W (t < ring0: slot t). The
+                        window SLIDES: each commit overwrites the oldest window entries;
+  * slots [n_valid, …)  scratch for the in-flight tree (the unchanged model forward writes the
+                        T in-flight K/V rows at lengths + t and reads the prefix [0, lengths)).
+`lengths` of the compact cache = n_valid = the number of valid committed slots (≤ budget); the
+row's true committed length `total` is the target cache's length. Keys are stored rotated at
+their absolute positions, and queries use absolute positions. Attention depends only on
+position differences, and the window is contiguous and ends right before the queries, so this
+equals StreamingLLM's re-indexing inside the cache (window keys at slots F…, the query at
+n_valid) for the window; the fixed entries are re-indexed explicitly: before each draft pass
+their keys are rotated from a canonical copy (`DraftRing.fixed_k`, rotated at positions 0…F−1)
+by shift = total − n_valid, which places sink s at position s + shift, i.e. just before the
+window (`reindex`; off for SnapKV, whose positions stay absolute as in the reference).
+
+Builders (`MagicDec.builder`):
+  * "copy"      the drafting model's dense prompt KV (the target's own cache for self-spec) is
+                gathered into the sink and window slots (cheap; not the reference's re-prefill:
+                flag it in results);
+  * "streaming" a separate chunked prefill of the prompt by the draft with streaming attention
+                (each chunk sees sink + window + itself), as the reference does;
+  * "snapkv"    (self-spec) SnapKV selection over the target's prompt KV (`snapkv_select`).
+During decoding the accepted tokens' KV enters the window: the target's exact KV for
+self-speculation with the copy/SnapKV builders (as the SnapKV reference), the draft's own KV
+otherwise (as the StreamingLLM reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxspec.config import ModelConfig
+from jaxspec.errors import ConfigError
+from jaxspec.kv_cache import KVCache, init_cache
+from jaxspec.model import forward_hidden
+from jaxspec.model.layers import apply_rope, rope_inv_freq
+from jaxspec.model.params import Params
+from jaxspec.types import Array, Float, Int
+
+BUILDERS = ("copy", "streaming", "snapkv")
+
+
+@dataclasses.dataclass(frozen=True)
+class MagicDec:
+    budget: int = 512  # committed draft-cache slots per row (fixed + window)
+    sink: int = 16  # StreamingLLM attention sinks (copy/streaming builders)
+    builder: str = "copy"
+    self_draft: bool = True  # the draft is the target's weights
+    obs_window: int = 32  # SnapKV: observation window (last queries) = its recent window
+    pool: int = 5  # SnapKV: average-pooling kernel over keys
+
+    def __post_init__(self):
+        if self.builder not in BUILDERS:
+            raise ConfigError(f"unknown draft-cache builder {self.builder!r}; choose {BUILDERS}")
+        if self.sink < 0:
+            raise ConfigError(f"sink must be >= 0, got {self.sink}")
+        if self.builder == "snapkv":
+            if not self.self_draft:
+                raise ConfigError("the snapkv builder selects from the target's KV: it needs "
+                                  "self-speculation (no separate draft model)")  # fmt: skip
+            if not 0 < self.obs_window < self.budget:
+                raise ConfigError(
+                    f"snapkv needs 0 < obs_window ({self.obs_window}) < budget ({self.budget})"
+                )
+            if self.pool < 1 or self.pool % 2 == 0:
+                raise ConfigError(f"snapkv pooling kernel must be odd and >= 1, got {self.pool}")
+        elif self.budget <= self.sink:
+            raise ConfigError(
+                f"draft budget ({self.budget}) must exceed the sink ({self.sink}) to leave a window"
+            )
+
+    @property
+    def fixed(self) -> int:
+        return self.budget - self.obs_window if self.builder == "snapkv" else self.sink
+
+    @property
+    def window(self) -> int:
+        return self.budget - self.fixed
+
+    @property
+    def reindex(self) -> bool:
+        return self.builder != "snapkv"
+
+    @property
+    def commit_target_kv(self) -> bool:
+        """Whether accepted tokens enter the draft window with the target's exact KV."""
+        return self.self_draft and self.builder != "streaming"
+
+    def check(self, num_nodes: int, draft: ModelConfig):
+        """Checks that need the tree size and the draft model."""
+        if self.window < num_nodes:
+            raise ConfigError(
+                f"the draft window ({self.window} slots = budget {self.budget} - "
+                f"{self.fixed} fixed) must hold one step's {num_nodes} in-flight tokens"
+            )
+        if draft.sliding_window is not None:
+            raise ConfigError("MagicDec's compact draft cache does not support sliding-window "
+                              "attention models")  # fmt: skip
+
+
+@struct.dataclass
+class DraftRing:
+    """Per-row bookkeeping of the compact cache (the `KVCache` holds K/V and n_valid)."""
+
+    fixed_k: Float[Array, "L B K F E"]  # canonical fixed keys, rotated at positions 0..F-1
+    ring0: Int[Array, " B"]  # the position of the token at window slot F
+
+
+def n_valid(md: MagicDec, total: Int[Array, " B"], ring0: Int[Array, " B"]) -> Int[Array, " B"]:
+    """Valid committed slots of rows that have committed `total` tokens."""
+    return jnp.where(total < ring0, total, jnp.minimum(md.budget, md.fixed + total - ring0))
+
+
+def slot_of(md: MagicDec, t: Int[Array, "B J"], ring0: Int[Array, "B 1"]) -> Int[Array, "B J"]:
+    return jnp.where(t < ring0, t, md.fixed + (t - ring0) % md.window)
+
+
+def prepare(md: MagicDec, cfg: ModelConfig, dcache: KVCache, ring: DraftRing, total) -> KVCache:
+    """The compact cache ready for a draft pass of rows at committed length `total`: lengths =
+    n_valid and (StreamingLLM re-indexing) the fixed keys rotated to sit before the window."""
+    nv = n_valid(md, total, ring.ring0)
+    dcache = dcache.replace(lengths=nv)
+    if not md.reindex or md.fixed == 0:
+        return dcache
+    L, B, K, F, E = ring.fixed_k.shape
+    x = ring.fixed_k.transpose(1, 0, 3, 2, 4).reshape(B, L * F, K, E)
+    shift = jnp.broadcast_to((total - nv)[:, None], (B, L * F))
+    x = apply_rope(x, shift, rope_inv_freq(cfg)).reshape(B, L, F, K, E).transpose(1, 0, 3, 2, 4)
+    return dcache.replace(k=dcache.k.at[:, :, :, :F].set(x.astype(dcache.k.dtype)))
+
+
+def commit(
+    md: MagicDec,
+    dcache: KVCache,
+    ring: DraftRing,
+    src: KVCache,
+    src_start: Int[Array, " B"],
+    idx: Int[Array, "B J"],
+    count: Int[Array, " B"],
+    total: Int[Array, " B"],
+) -> tuple[KVCache, DraftRing]:
+    """Commit, for each row, the `count[b]` in-flight rows src[src_start + idx[b, j]] (j <
+    count) as the tokens at positions total + j: into their ring slots (evicting the oldest
+    window entries) and, for positions < F, into the canonical fixed keys."""
+    B, J = idx.shape
+    rows = jnp.arange(B)[:, None]
+    j = jnp.arange(J)[None]
+    t = total[:, None] + j
+    live = j < count[:, None]
+    s = src_start[:, None] + idx
+    k_rows, v_rows = src.k[:, rows, :, s], src.v[:, rows, :, s]  # [B, J, L, K, E]
+    dst = jnp.where(live, slot_of(md, t, ring.ring0[:, None]), dcache.num_slots)
+    k = dcache.k.at[:, rows, :, dst].set(k_rows.astype(dcache.k.dtype), mode="drop")
+    v = dcache.v.at[:, rows, :, dst].set(v_rows.astype(dcache.v.dtype), mode="drop")
+    fixed_k = ring.fixed_k
+    if md.reindex and md.fixed:
+        fdst = jnp.where(live & (t < md.fixed), t, md.fixed)
+        fixed_k = fixed_k.at[:, rows, :, fdst].set(k_rows.astype(fixed_k.dtype), mode="drop")
+    nv = n_valid(md, total + count, ring.ring0)
+    return dcache.replace(k=k, v=v, lengths=nv), ring.replace(fixed_k=fixed_k)
+
+
+def empty(md: MagicDec, cfg: ModelConfig, batch: int, scratch: int, dtype) -> tuple:
+    """An empty compact cache (budget + scratch slots) and its ring (ring0 = F)."""
+    dcache = init_cache(cfg, batch, md.budget + scratch, dtype)
+    fixed = jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, md.fixed, cfg.head_dim), dtype)
+    return dcache, DraftRing(fixed_k=fixed, ring0=jnp.full((batch,), md.fixed, jnp.int32))
+
+
+def build_copy(md: MagicDec, dense: KVCache, scratch: int) -> tuple[KVCache, DraftRing]:
+    """The compact cache of rows whose dense cache `dense` holds lengths[b] prompt tokens (slot
+    = position): the first F tokens and the last window tokens, in their ring slots."""
+    P = dense.lengths
+    B = P.shape[0]
+    c = jnp.arange(md.budget)[None]  # compact slot
+    # the latest position t < P with slot_of(t) == c (ring0 = F): t = c + W·⌊(P − 1 − c) / W⌋
+    t = jnp.where(c < md.fixed, c, c + md.window * ((P[:, None] - 1 - c) // md.window))
+    t = jnp.clip(t, 0, dense.num_slots - 1)  # invalid slots (c ≥ P) are masked by n_valid
+    rows = jnp.arange(B)[:, None]
+    pad = ((0, 0), (0, 0), (0, 0), (0, scratch), (0, 0))
+    k = jnp.pad(dense.k[:, rows, :, t].transpose(2, 0, 3, 1, 4), pad)  # [L, B, K, budget, E]
+    v = jnp.pad(dense.v[:, rows, :, t].transpose(2, 0, 3, 1, 4), pad)
+    ring = DraftRing(fixed_k=k[:, :, :, : md.fixed], ring0=jnp.full((B,), md.fixed, jnp.int32))
+    return KVCache(k=k, v=v, lengths=n_valid(md, P, ring.ring0)), ring
+
+
+def build_streaming(
+    md: MagicDec,
+    params: Params,
+    cfg: ModelConfig,
+    prompts: Int[Array, "B P"],
+    prompt_lengths: Int[Array, " B"],
+    *,
+    chunk: int,
+    scratch: int,
+) -> tuple[KVCache, DraftRing]:
+    """StreamingLLM prefill: chunks of `chunk` tokens, each attending to sink + window + itself
+    (causal), their own KV committed into the ring after each chunk."""
+    B, P = prompts.shape
+    if P % chunk or chunk > md.window:
+        raise ConfigError(f"streaming prefill chunk {chunk} must divide the padded prompt "
+                          f"({P}) and fit the window ({md.window})")  # fmt: skip
+    dcache, ring = empty(md, cfg, B, max(scratch, chunk), params.embed.dtype)
+    idx = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None], (B, chunk))
+
+    def body(c, carry):
+        dcache, ring = carry
+        total = jnp.minimum(prompt_lengths, c * chunk)
+        dcache = prepare(md, cfg, dcache, ring, total)
+        toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
+        positions = total[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None]
+        _, written = forward_hidden(params, cfg, toks, positions, dcache)
+        count = jnp.clip(prompt_lengths - c * chunk, 0, chunk)
+        return commit(md, written, ring, written, dcache.lengths, idx, count, total)
+
+    return jax.lax.fori_loop(0, P // chunk, body, (dcache, ring))

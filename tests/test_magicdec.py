@@ -1,0 +1,180 @@
+"""MagicDec's compact draft cache (`jaxspec/magicdec.py`) on tiny fp32 models.
+
+* Greedy losslessness: self-speculation (copy and streaming builders) and a separate draft model
+  emit exactly the AR greedy tokens, for chains and trees, in ragged batches whose windows slide
+  many times (budget 16 ≪ prompt + output).
+* All-accepted case: with a budget that holds the whole context the self-draft IS the target, so
+  every step accepts the full depth (the next step's root is the bonus token and the path's KV
+  was committed: no "double buffer" off-by-one can hide).
+* Sliding-window bookkeeping against a reference of sink + window semantics, after many commits
+  of random sizes: the valid slots hold exactly positions [0, F) ∪ [total − W, total), each in
+  its ring slot, and `prepare` re-indexes the sinks to sit just before the window.
+* The streaming prefill with a budget larger than the prompt is the dense prefill.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_speculative import batch  # random prompts of the tiny vocabulary (shared by CFGs)
+
+from jaxspec import magicdec
+from jaxspec.errors import ConfigError
+from jaxspec.generate import prefill_cache
+from jaxspec.kv_cache import KVCache
+from jaxspec.magicdec import MagicDec
+from jaxspec.model import init_params
+from jaxspec.model.layers import apply_rope, rope_inv_freq
+from jaxspec.sampling import SamplingParams
+from jaxspec.speculative import SpecConfig, spec_generate
+from jaxspec.testing import TINY
+from jaxspec.trees import chain, kary, load_tree
+
+CFG = dataclasses.replace(TINY, num_layers=3)
+PARAMS = init_params(CFG, jax.random.key(0), scale=0.5)
+OTHER = init_params(CFG, jax.random.key(1), scale=0.5)
+LENGTHS = [3, 30, 9, 25]
+MAX_NEW = [40, 11, 40, 33]
+
+
+def run(spec, draft_params, lengths=LENGTHS, max_new=MAX_NEW):
+    prompts, lens = batch(lengths, seed=1)
+    st = spec_generate(PARAMS, draft_params, prompts, lens, jax.random.key(0),
+                       SamplingParams.make(len(lengths)), jnp.asarray(max_new), spec=spec,
+                       max_new_tokens=40, chunk=8)  # fmt: skip
+    toks, n = np.asarray(st.tokens), np.asarray(st.n_out)
+    return [toks[i, : n[i]].tolist() for i in range(len(lengths))], st
+
+
+AR = None
+
+
+def ar_tokens():
+    global AR
+    if AR is None:
+        AR = run(SpecConfig(CFG, CFG, chain(0)), PARAMS)[0]
+    return AR
+
+
+@pytest.mark.parametrize(
+    "builder,self_draft,tree",
+    [
+        ("copy", True, "chain3"),
+        ("copy", True, "kary2x2"),
+        ("streaming", True, "chain3"),
+        ("streaming", True, "irregular9"),
+        ("copy", False, "chain2"),
+        ("streaming", False, "kary2x2"),
+    ],
+)
+def test_greedy_equals_autoregressive(builder, self_draft, tree):
+    trees = {"chain2": chain(2), "chain3": chain(3), "kary2x2": kary(2, 2),
+             "irregular9": load_tree("irregular_9")}  # fmt: skip
+    md = MagicDec(budget=16, sink=4, builder=builder, self_draft=self_draft)
+    spec = SpecConfig(CFG, CFG, trees[tree], "greedy", magicdec=md)
+    got, st = run(spec, PARAMS if self_draft else OTHER)
+    assert got == ar_tokens()
+    total = np.asarray(st.cache.lengths)
+    assert (np.asarray(st.draft_cache.lengths) == np.minimum(total, 16)).all()
+    assert total.max() > 40  # the window slid past the budget
+
+
+@pytest.mark.parametrize("builder", ["copy", "streaming"])
+def test_full_budget_self_draft_accepts_everything(builder):
+    md = MagicDec(budget=96, sink=4, builder=builder)
+    spec = SpecConfig(CFG, CFG, chain(3), "greedy", magicdec=md)
+    got, st = run(spec, PARAMS, lengths=[30, 12], max_new=[40, 40])
+    assert got == ar_tokens_for([30, 12], [40, 40])
+    hist = np.asarray(st.accept_hist).sum(0)
+    # every live step accepts all 3 drafts, but a row's last step may be cut short by max_new
+    # or EOS (at most one per row)
+    assert hist[:3].sum() <= 2 and hist[3] > 0
+
+
+def ar_tokens_for(lengths, max_new):
+    return run(SpecConfig(CFG, CFG, chain(0)), PARAMS, lengths, max_new)[0]
+
+
+def test_sliding_window_bookkeeping_matches_reference():
+    """K/V rows that encode their position; random commit sizes; reference: sink + window."""
+    md = MagicDec(budget=12, sink=3)
+    F, W = md.fixed, md.window
+    L, B, K, E = 2, 3, 1, 2
+    N1 = 4  # in-flight rows per step
+    total = np.array([0, 5, 20])  # committed tokens per row before decoding
+
+    def rows_for(pos):  # [L, B, K, n, E] rows whose value is their position (+ layer offset)
+        p = jnp.asarray(pos, jnp.float32)
+        val = p[None, :, None, :, None] + 1000 * jnp.arange(L)[:, None, None, None, None]
+        return jnp.broadcast_to(val, (L, B, K, p.shape[1], E))
+
+    dense_slots = 64
+    pos = np.broadcast_to(np.arange(dense_slots), (B, dense_slots))
+    dense = KVCache(k=rows_for(pos), v=-rows_for(pos), lengths=jnp.asarray(total, jnp.int32))
+    dcache, ring = magicdec.build_copy(md, dense, scratch=N1)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        # in-flight rows at scratch slots n_valid + i hold "positions" total + perm(i); the
+        # accepted path idx picks rows in order so that committed row j is position total + j
+        count = rng.integers(0, N1 + 1, B)
+        nv = np.asarray(dcache.lengths)
+        src_pos = total[:, None] + np.arange(N1)[None]
+        scratch_k = rows_for(src_pos)
+        bi = np.arange(B)[:, None]
+        dst = nv[:, None] + np.arange(N1)[None]
+        src = dcache.replace(
+            k=dcache.k.at[:, bi, :, dst].set(scratch_k.transpose(1, 3, 0, 2, 4)),
+            v=dcache.v.at[:, bi, :, dst].set(-scratch_k.transpose(1, 3, 0, 2, 4)),
+        )
+        idx = jnp.broadcast_to(jnp.arange(N1, dtype=jnp.int32)[None], (B, N1))
+        dcache, ring = magicdec.commit(md, src, ring, src, dcache.lengths, idx,
+                                       jnp.asarray(count), jnp.asarray(total))  # fmt: skip
+        total = total + count
+        for b in range(B):
+            n = int(dcache.lengths[b])
+            held = np.asarray(dcache.k[0, b, 0, :n, 0])
+            want = set(range(min(F, total[b]))) | set(range(max(F, total[b] - W), total[b]))
+            assert n == min(total[b], md.budget)
+            assert sorted(held.tolist()) == sorted(want)
+            assert (np.asarray(dcache.v[1, b, 0, :n, 0]) == -(held + 1000)).all()
+            for t in want:  # each position in its ring slot
+                assert held[t if t < F else F + (t - F) % W] == t
+    # prepare: sink keys rotated to positions s + (total − n_valid), from the canonical copy
+    fixed = jax.random.normal(jax.random.key(0), (L, B, K, F, 8))
+    cfg = dataclasses.replace(CFG, head_dim=8)
+    shapes = (L, B, K, md.budget + N1, 8)
+    dc = KVCache(k=jnp.zeros(shapes), v=jnp.zeros(shapes), lengths=jnp.zeros((B,), jnp.int32))
+    prepped = magicdec.prepare(md, cfg, dc, ring.replace(fixed_k=fixed), jnp.asarray(total))
+    shift = total - np.minimum(total, md.budget)
+    for b in range(B):
+        x = fixed[:, b].transpose(0, 2, 1, 3).reshape(1, L * F, K, 8)
+        want = apply_rope(x, jnp.full((1, L * F), shift[b]), rope_inv_freq(cfg))
+        got = prepped.k[:, b, :, :F].transpose(0, 2, 1, 3).reshape(1, L * F, K, 8)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_streaming_prefill_with_room_for_everything_is_the_dense_prefill():
+    prompts, lens = batch([3, 30, 17], seed=1)
+    md = MagicDec(budget=40, sink=4, builder="streaming")
+    dc, _ = magicdec.build_streaming(md, PARAMS, CFG, prompts, lens, chunk=8, scratch=4)
+    dense, _ = prefill_cache(PARAMS, CFG, prompts, lens, slots=40, chunk=8)
+    assert (np.asarray(dc.lengths) == np.asarray(lens)).all()
+    for b, n in enumerate([3, 30, 17]):
+        np.testing.assert_allclose(np.asarray(dc.k[:, b, :, :n]),
+                                   np.asarray(dense.k[:, b, :, :n]), atol=1e-5)  # fmt: skip
+
+
+def test_bad_configurations_are_rejected_clearly():
+    with pytest.raises(ConfigError, match="budget"):
+        MagicDec(budget=16, sink=16)
+    with pytest.raises(ConfigError, match="builder"):
+        MagicDec(builder="h2o")
+    with pytest.raises(ConfigError, match="self-speculation"):
+        MagicDec(builder="snapkv", self_draft=False)
+    with pytest.raises(ConfigError, match="window"):
+        SpecConfig(CFG, CFG, chain(8), "greedy", magicdec=MagicDec(budget=10, sink=4))
+    with pytest.raises(ConfigError, match="target"):
+        other = dataclasses.replace(CFG, num_layers=2)
+        SpecConfig(CFG, other, chain(2), "greedy", magicdec=MagicDec(budget=32))
