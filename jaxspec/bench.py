@@ -2,8 +2,10 @@
 
 Methods (`--methods`, a comma list): `ar`, `chain` (γ = `--gamma`), `chain:G`, `tree` (`--tree`),
 `tree:NAME|FILE`, `sssd` (n-gram drafts from each row's own prompt and output; N speculated
-tokens = `--draft-tokens`), `sssd:N`, `sssd-ds`, `sssd-ds:N` (also from `--datastore`). AR always
-runs, first: every `speedup_vs_ar` is relative to it.
+tokens = `--draft-tokens`), `sssd:N`, `sssd-ds`, `sssd-ds:N` (also from `--datastore`),
+`magicdec` (self-speculation on a sparse draft cache, γ = `--gamma`), `magicdec:G`,
+`magicdec:auto`. AR always runs, first: every `speedup_vs_ar` is relative to it.
+`--long-context` runs MagicDec's batch × context sweep instead (`jaxspec.bench_long`).
 
 Per method: one `Runner` (its compiled executables are reused across calls); a warm-up run on the
 first batch of prompts (compiles that bucket); then each category's prompts as one timed
@@ -46,7 +48,10 @@ MT_BENCH = frozenset(
     ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 )
 UNCATEGORIZED = "uncategorized"
-METHOD_FORMS = "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N, sssd-ds, sssd-ds:N"
+METHOD_FORMS = (
+    "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N, sssd-ds, sssd-ds:N, magicdec, "
+    "magicdec:G, magicdec:auto"
+)
 
 
 # ---- inputs -------------------------------------------------------------------------------------
@@ -55,17 +60,19 @@ METHOD_FORMS = "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N, sssd-ds, sssd
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     name: str  # the label in reports: ar, chain:G, tree:NAME
-    method: str  # ar | chain | tree
-    gamma: int | None = None
+    method: str  # ar | chain | tree | sssd | magicdec
+    gamma: int | str | None = None  # "auto": magicdec's chooser
     tree: str | None = None
     draft_tokens: int | None = None  # sssd: None = --draft-tokens
     datastore: bool = False  # sssd-ds: drafts from --datastore too
 
 
-def parse_methods(text: str, gamma: int = 4, tree: str = "kary_2x3") -> list[MethodSpec]:
+def parse_methods(text: str, gamma: int | str = 4, tree: str | None = None) -> list[MethodSpec]:
     """Parse `--methods`; AR is put first (added if missing). Trees are checked to exist."""
+    from jaxspec.cli import DEFAULT_TREE
     from jaxspec.trees import load_tree
 
+    tree = tree or DEFAULT_TREE
     out: list[MethodSpec] = []
     for item in (text or "").split(","):
         item = item.strip()
@@ -76,18 +83,22 @@ def parse_methods(text: str, gamma: int = 4, tree: str = "kary_2x3") -> list[Met
             raise InputError(f"--methods: {item!r} has nothing after ':'")
         if kind == "ar" and not sep:
             m = MethodSpec("ar", "ar")
-        elif kind == "chain":
+        elif kind in ("chain", "magicdec"):
             g = gamma
-            if sep:
+            if sep and kind == "magicdec" and arg == "auto":
+                g = "auto"
+            elif sep:
                 try:
                     g = int(arg)
                 except ValueError:
                     raise InputError(
                         f"--methods: {item!r}: chain length must be an integer"
                     ) from None
-            if g < 1:
+            if g == "auto" and kind == "chain":
+                raise InputError(f"--methods: {item!r}: --gamma auto is for magicdec only")
+            if g != "auto" and g < 1:
                 raise InputError(f"--methods: {item!r}: chain length (gamma) must be >= 1, got {g}")
-            m = MethodSpec(f"chain:{g}", "chain", gamma=g)
+            m = MethodSpec(f"{kind}:{g}", kind, gamma=g)
         elif kind == "tree":
             name = arg if sep else tree
             if name != "auto":  # auto: Sequoia's per-bucket choice from the profiles
@@ -146,8 +157,11 @@ def select_prompts(records: list[tuple[str, dict]], limit: int | None = None,
 def spec_namespace(args, m: MethodSpec) -> argparse.Namespace:
     """The namespace `cli.build_spec` reads, for one method."""
     return argparse.Namespace(
-        method=m.method, gamma=m.gamma or args.gamma, tree=m.tree or args.tree,
+        method=m.method, gamma=m.gamma or args.gamma,
+        tree=m.tree or (None if m.method == "magicdec" else args.tree),
         verifier=args.verifier, drafter=args.drafter, draft=args.draft,
+        draft_budget=args.draft_budget, sink=args.sink, draft_builder=args.draft_builder,
+        magicdec_profile=getattr(args, "magicdec_profile", None),
         draft_layers=args.draft_layers, temperature=args.temperature, dtype=args.dtype,
         json=False, batch_size=args.batch_size,
         acceptance_profile=getattr(args, "acceptance_profile", None),
@@ -381,10 +395,21 @@ def cmd_bench(args) -> int:
     from jaxspec.models import load_model
     from jaxspec.runner import GenerateOptions
 
+    if args.long_context:
+        from jaxspec.bench_long import cmd_bench_long
+
+        return cmd_bench_long(args)
     # every check that needs no model comes first
-    if args.gamma < 1:
-        raise InputError(f"--gamma must be >= 1, got {args.gamma}")
+    if args.prompts_file is None:
+        raise InputError("bench needs --prompts-file (or --long-context)")
+    from jaxspec.cli import check_gamma
+
+    check_gamma(args.gamma)
     methods = parse_methods(args.methods, args.gamma, args.tree)
+    if any(m.method == "magicdec" for m in methods):
+        from jaxspec.cli import build_magicdec_config
+
+        build_magicdec_config(args)
     prompts = select_prompts(read_prompt_records(args.prompts_file), args.limit,
                              args.per_category, args.raw_categories)  # fmt: skip
     opts = GenerateOptions(
@@ -458,11 +483,11 @@ def cmd_bench(args) -> int:
             "seed": args.seed,
             "dtype": args.dtype,
             "verifier": verifier,
-            "drafter": args.drafter,
+            "drafter": args.drafter or "layerskip",
             "draft": args.draft,
             "draft_layers": args.draft_layers or "default (a band of L/6 layers skipped)",
             "gamma": args.gamma,
-            "tree": args.tree,
+            "tree": args.tree or "kary_2x3",
             "datastore": None if args.datastore is None else str(args.datastore),
             "draft_tokens": args.draft_tokens,
         },

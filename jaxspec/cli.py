@@ -1,9 +1,10 @@
 """The `jaxspec` command.
 
   jaxspec generate [--model NAME|DIR] [--prompt TEXT ... | --prompts-file JSONL] [--no-chat]
-                   [--method ar|chain|tree|sssd] [--drafter layerskip|model] [--draft DIR]
-                   [--datastore DIR] [--draft-tokens N|auto]
-                   [--draft-layers I,J,...] [--gamma K] [--tree NAME|FILE]
+                   [--method ar|chain|tree|sssd|magicdec] [--drafter layerskip|model|self]
+                   [--draft DIR] [--datastore DIR] [--draft-tokens N|auto]
+                   [--draft-layers I,J,...] [--gamma K|auto] [--tree NAME|FILE]
+                   [--draft-budget K] [--sink S] [--draft-builder copy|streaming|snapkv]
                    [--verifier greedy|swor|rrs|spechub|point_mass]
                    [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K]
                    [--batch-size B] [--seed S] [--dtype float32|bfloat16] [--json]
@@ -34,7 +35,25 @@ from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError
 
-METHODS = ("ar", "chain", "tree", "sssd")
+METHODS = ("ar", "chain", "tree", "sssd", "magicdec")
+DEFAULT_TREE = "kary_2x3"
+
+
+def parse_gamma(text) -> int | str:
+    """--gamma: an integer >= 1, or `auto` (magicdec: the cost model's choice)."""
+    if str(text) == "auto":
+        return "auto"
+    try:
+        return int(text)  # >= 1 is checked with the other options (one clear error line)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def check_gamma(gamma) -> None:
+    if gamma != "auto" and gamma < 1:
+        raise InputError(f"--gamma must be >= 1, got {gamma}")
+
+
 VERIFIERS = ("greedy", "swor", "rrs", "spechub", "point_mass")
 
 
@@ -45,8 +64,10 @@ def _add_common(p: argparse.ArgumentParser, default=False):
 
 def _add_draft_args(p: argparse.ArgumentParser, allow_none: bool = False):
     """--drafter / --draft / --draft-layers (read by `build_draft`)."""
-    choices = ("layerskip", "model", "none") if allow_none else ("layerskip", "model")
-    p.add_argument("--drafter", default="layerskip", choices=choices)
+    choices = ("layerskip", "model", "self") + (("none",) if allow_none else ())
+    p.add_argument("--drafter", choices=choices,
+                   help="default: layerskip (magicdec: self, the target's own weights on the "
+                   "sparse draft cache)")  # fmt: skip
     p.add_argument("--draft", help="draft checkpoint (name or dir) for --drafter model")
     p.add_argument("--draft-layers", help="layer-skip draft: target layers kept, e.g. 0,2,4 "
                    "(default: all but a band of L/6 layers from the middle)")  # fmt: skip
@@ -63,8 +84,25 @@ def _add_decoding_args(
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
                    help="sssd: speculated tokens per row and step; auto = SSSD's batch-aware "
                    "rule from this device's measured FLOP/byte ratio")  # fmt: skip
-    p.add_argument("--gamma", type=int, default=4, help=gamma_help)
-    p.add_argument("--tree", default="kary_2x3", help=tree_help)
+    p.add_argument("--gamma", type=parse_gamma, default=4, metavar="G|auto", help=gamma_help)
+    p.add_argument("--tree", help=tree_help + f" (default {DEFAULT_TREE}; magicdec: a chain of "
+                   "--gamma unless a tree is named)")  # fmt: skip
+    g = p.add_argument_group("magicdec")
+    g.add_argument(
+        "--draft-budget",
+        type=int,
+        default=512,
+        metavar="K",
+        help="committed slots of the sparse draft cache per row (sink + window)",
+    )
+    g.add_argument("--sink", type=int, default=16, help="attention-sink tokens kept")
+    g.add_argument("--draft-builder", default="copy", choices=("copy", "streaming", "snapkv"),
+                   help="copy: the sink/window rows of the prompt's dense KV (cheap); streaming: "
+                   "a streaming-attention prefill of the prompt (the reference's); snapkv: "
+                   "SnapKV's selection over the target's prompt KV")  # fmt: skip
+    g.add_argument("--magicdec-profile", type=Path, metavar="FILE",
+                   help="--gamma auto: the measured acceptance/timing profile (default: "
+                   "configs/profiles/magicdec__<device>__<model>.toml)")  # fmt: skip
     p.add_argument("--acceptance-profile", metavar="FILE",
                    help="--tree auto: acceptance profile (default: configs/profiles/"
                    "<target>__<draft>__T<temperature>.toml)")  # fmt: skip
@@ -152,8 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
         "tree:NAME|FILE, sssd, sssd:N, sssd-ds, sssd-ds:N (sssd-ds: with --datastore); ar is "
         "always run (first): speedups are relative to it",
     )
-    b.add_argument("--prompts-file", type=Path, required=True,
-                   help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
+    b.add_argument("--prompts-file", type=Path,
+                   help="JSONL: 'prompt' or 'turns' per line, optional 'category' (required; "
+                   "--long-context: books with 'text')")  # fmt: skip
     b.add_argument("--limit", type=int, help="use the first N prompts (after --per-category)")
     b.add_argument("--per-category", type=int, help="use up to N prompts per category")
     b.add_argument("--raw-categories", action="store_true",
@@ -162,6 +201,38 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     _add_decoding_args(b, batch_size=1, gamma_help="chain length for a plain 'chain'",
                        tree_help="tree for a plain 'tree'")  # fmt: skip
+    lc = b.add_argument_group("long context (MagicDec's batch × context sweep)")
+    lc.add_argument("--long-context", action="store_true",
+                    help="run the sweep: AR vs MagicDec self-speculation per batch size and "
+                    "context length on windows of the --prompts-file books")  # fmt: skip
+    lc.add_argument("--batch-sizes", default="1,4,16,32", metavar="B,B,...")
+    lc.add_argument("--context-lengths", default="1024,4096,8000", metavar="N,N,...")
+    lc.add_argument(
+        "--gammas",
+        default="2,3,4",
+        metavar="G,G,...",
+        help="chain lengths run at --draft-budget (the chooser searches these)",
+    )
+    lc.add_argument(
+        "--budgets",
+        default="256,512,1024",
+        metavar="K,K,...",
+        help="draft budgets whose acceptance is measured (the chooser's options)",
+    )
+    lc.add_argument(
+        "--distinct-rows",
+        type=int,
+        default=4,
+        help="distinct book windows prefilled per context (batches repeat them)",
+    )
+    lc.add_argument("--skip", type=int, default=2000, help="tokens skipped at each book's start")
+    lc.add_argument("--reps", type=int, default=3, help="timing repetitions per forward")
+    lc.add_argument(
+        "--profile-out",
+        type=Path,
+        metavar="FILE",
+        help="where to write the MagicDec profile for --gamma auto",
+    )
     b.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON to OUT")
     b.add_argument(
         "--out-md",
@@ -330,22 +401,69 @@ def build_spec(args, model):
         return None, None
     if args.method == "sssd":
         return build_sssd(args, model)
+    check_gamma(args.gamma)
+    if args.method == "magicdec":
+        return build_magicdec(args, model)
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees import chain, load_tree
 
-    if args.gamma < 1:
-        raise InputError(f"--gamma must be >= 1, got {args.gamma}")
-    auto = args.method == "tree" and args.tree == "auto"
-    tree = chain(args.gamma) if args.method == "chain" else None if auto else load_tree(args.tree)
+    if args.gamma == "auto":
+        raise InputError("--gamma auto is for --method magicdec (Sequoia's is --tree auto)")
+    tree_name = args.tree or DEFAULT_TREE
+    auto = args.method == "tree" and tree_name == "auto"
+    tree = chain(args.gamma) if args.method == "chain" else None if auto else load_tree(tree_name)
+    verifier = spec_verifier(args)
+    dcfg, dparams, dname = build_draft(args, model)
+    if auto:
+        return auto_spec(args, model, dcfg, dname, verifier), dparams
+    return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
+
+
+def spec_verifier(args) -> str:
     verifier = args.verifier or ("greedy" if args.temperature == 0 else "swor")
     if verifier == "greedy" and args.temperature > 0:
         raise InputError(
             "--verifier greedy needs --temperature 0 (use swor/rrs/spechub/point_mass)"
         )
-    dcfg, dparams, dname = build_draft(args, model)
-    if auto:
-        return auto_spec(args, model, dcfg, dname, verifier), dparams
-    return SpecConfig(model.cfg, dcfg, tree, verifier), dparams
+    return verifier
+
+
+def build_magicdec_config(args):
+    """The `MagicDec` config from --draft-budget/--sink/--draft-builder/--drafter (no model)."""
+    from jaxspec.errors import ConfigError
+    from jaxspec.magicdec import MagicDec
+
+    if args.drafter not in (None, "self", "model"):
+        raise InputError(
+            f"--method magicdec drafts with the target itself (--drafter self) or a draft model "
+            f"(--drafter model --draft DIR), not {args.drafter}"
+        )
+    try:
+        return MagicDec(budget=args.draft_budget, sink=args.sink, builder=args.draft_builder,
+                        self_draft=args.drafter != "model")  # fmt: skip
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+
+
+def build_magicdec(args, model):
+    """(SpecConfig or a per-bucket chooser, draft params) for --method magicdec."""
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import chain, load_tree
+
+    md = build_magicdec_config(args)
+    verifier = spec_verifier(args)
+    if md.self_draft:
+        dcfg, dparams = model.cfg, model.params
+    else:
+        dcfg, dparams, _ = build_draft(args, model)
+    if args.gamma == "auto":
+        if args.tree:
+            raise InputError("--gamma auto picks a chain per bucket: do not also name --tree")
+        from jaxspec.magicdec_auto import auto_magicdec
+
+        return auto_magicdec(args, model, md, dcfg, verifier), dparams
+    tree = load_tree(args.tree) if args.tree else chain(args.gamma)
+    return SpecConfig(model.cfg, dcfg, tree, verifier, magicdec=md), dparams
 
 
 def auto_spec(args, model, dcfg, dname: str, verifier: str):
@@ -386,6 +504,8 @@ def build_draft(args, model):
     from jaxspec.drafting import default_skip_layers, layer_skip
     from jaxspec.models import load_model
 
+    if args.drafter == "self":
+        return model.cfg, model.params, "self"
     if args.drafter == "model":
         if not args.draft:
             raise InputError("--drafter model needs --draft NAME|DIR")

@@ -102,3 +102,22 @@ def tree_depth(s: int) -> int:
     if s <= 8:
         return 5
     return 6
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the default device can still give: the accelerator's free bytes (bytes_limit −
+    bytes_in_use), or on CPU the host's MemAvailable (/proc/meminfo). None when unknown."""
+    dev = jax.devices()[0]
+    if dev.platform != "cpu":
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

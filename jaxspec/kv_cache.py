@@ -45,6 +45,27 @@ def cache_bytes(cfg: ModelConfig, batch: int, slots: int, itemsize: int) -> int:
     return 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+def check_fits(cfg: ModelConfig, batch: int, slots: int, itemsize: int, what: str = "KV cache",
+               available: int | None = None) -> int:  # fmt: skip
+    """Raise `InputError` naming the size needed when a [batch × slots] cache cannot fit in the
+    device's available memory (`hardware.available_memory_bytes`, or `available`); returns the
+    bytes needed. Decoding needs the cache once (it is donated) plus working space, so the
+    check asks for the cache to fit with 10% to spare."""
+    from jaxspec.errors import InputError
+    from jaxspec.hardware import available_memory_bytes
+
+    need = cache_bytes(cfg, batch, slots, itemsize)
+    have = available_memory_bytes() if available is None else available
+    if have is not None and need * 1.1 > have:
+        raise InputError(
+            f"the {what} for batch {batch} × {slots} slots needs {need / 2**30:.2f} GiB "
+            f"({cfg.num_layers} layers × {cfg.num_kv_heads} KV heads × {cfg.head_dim} dims × "
+            f"{itemsize}-byte K and V), but only {have / 2**30:.2f} GiB is available: use a "
+            f"smaller batch, shorter prompts or fewer new tokens"
+        )
+    return need
+
+
 def advance(cache: KVCache, n: Int[Array, " B"]) -> KVCache:
     """Commit the first n[b] in-flight tokens of each row (they were written at lengths[b]...)."""
     return cache.replace(lengths=cache.lengths + n.astype(jnp.int32))

@@ -227,3 +227,81 @@ def build_streaming(
         return commit(md, written, ring, written, dcache.lengths, idx, count, total)
 
     return jax.lax.fori_loop(0, P // chunk, body, (dcache, ring))
+
+
+def snapkv_select(
+    md: MagicDec,
+    q_obs: Float[Array, "L B T H E"],
+    k: Float[Array, "L B K S E"],
+    lengths: Int[Array, " B"],
+) -> Int[Array, "L B K F"]:
+    """SnapKV: per (layer, row, KV head) the F = budget − obs_window positions before the
+    observation window with the highest pooled attention from the window's T queries (query t
+    of row b sits at position lengths[b] − T + t): softmax over the causal prefix, summed over
+    the queries, average-pooled along keys (kernel `pool`, stride 1, zero padding counted), summed
+    over the G query heads of each KV head. Rows with lengths ≤ budget select nothing useful
+    (their whole prompt fits; `build_snapkv` keeps it as is)."""
+    L, B, T, H, E = q_obs.shape
+    K, S = k.shape[2], k.shape[3]
+    G = H // K
+    start = lengths - T
+    qpos = start[:, None] + jnp.arange(T)[None]  # [B, T]
+    kpos = jnp.arange(S)
+    valid = (kpos[None, None] <= qpos[:, :, None]) & (kpos[None, None] < lengths[:, None, None])
+    pad = md.pool // 2
+
+    def one_layer(args):
+        q, kl = args  # [B, T, H, E], [B, K, S, E]
+        s = jnp.einsum("btkge,bkse->bkgts", q.reshape(B, T, K, G, E).astype(jnp.float32),
+                       kl.astype(jnp.float32)) / jnp.sqrt(jnp.float32(E))  # fmt: skip
+        w = jax.nn.softmax(jnp.where(valid[:, None, None], s, -jnp.inf), axis=-1)
+        w = jnp.where(valid[:, None, None], w, 0.0).sum(axis=3)  # [B, K, G, S]
+        pooled = jax.lax.reduce_window(w, 0.0, jax.lax.add, (1, 1, 1, md.pool), (1, 1, 1, 1),
+                                       ((0, 0), (0, 0), (0, 0), (pad, pad))) / md.pool  # fmt: skip
+        score = jnp.where(kpos[None, None] < start[:, None, None], pooled.sum(axis=2), -jnp.inf)
+        return jax.lax.top_k(score, md.fixed)[1].astype(jnp.int32)  # [B, K, F]
+
+    return jax.lax.map(one_layer, (q_obs, k))
+
+
+def build_snapkv(
+    md: MagicDec,
+    params: Params,
+    cfg: ModelConfig,
+    dense: KVCache,
+    prompts: Int[Array, "B P"],
+    prompt_lengths: Int[Array, " B"],
+    scratch: int,
+) -> tuple[KVCache, DraftRing]:
+    """SnapKV's compact cache from the target's dense prompt cache (self-speculation): rows
+    longer than the budget keep the selected F positions per (layer, KV head) in the fixed slots
+    and their last obs_window tokens in the window (ring0 = length − obs_window); shorter rows
+    keep their whole prompt (the copy layout). Positions stay absolute (no re-indexing). The
+    observation window's queries are recomputed by one forward over its tokens."""
+    T = md.obs_window
+    P = prompt_lengths
+    B = P.shape[0]
+    start = jnp.maximum(P - T, 0)
+    pos = jnp.clip(start[:, None] + jnp.arange(T)[None], 0, prompts.shape[1] - 1)
+    toks = jnp.take_along_axis(prompts, pos, axis=1)
+    # the forward's K/V writes are discarded (dead code); only the queries are used
+    _, _, q_obs = forward_hidden(params, cfg, toks, pos, dense.replace(lengths=start),
+                                 queries=True)  # fmt: skip
+    sel = snapkv_select(md, q_obs, dense.k, P)  # [L, B, K, F]
+    gather = jnp.broadcast_to(sel[..., None], sel.shape + (dense.k.shape[-1],))
+    fixed_k = jnp.take_along_axis(dense.k, gather, axis=3)
+    fixed_v = jnp.take_along_axis(dense.v, gather, axis=3)
+    rows = jnp.arange(B)[:, None]
+    recent = jnp.clip(start[:, None] + jnp.arange(T)[None], 0, dense.num_slots - 1)  # [B, T]
+    win_k = dense.k[:, rows, :, recent].transpose(2, 0, 3, 1, 4)  # [L, B, K, T, E]
+    win_v = dense.v[:, rows, :, recent].transpose(2, 0, 3, 1, 4)
+    long = (P > md.budget)[None, :, None, None, None]
+    copy, _ = build_copy(md, dense, scratch)
+    k = jnp.where(long, jnp.pad(jnp.concatenate([fixed_k, win_k], axis=3),
+                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.k)  # fmt: skip
+    v = jnp.where(long, jnp.pad(jnp.concatenate([fixed_v, win_v], axis=3),
+                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.v)  # fmt: skip
+    ring0 = jnp.where(P > md.budget, start, md.fixed).astype(jnp.int32)
+    L, _, K, _, E = dense.k.shape
+    ring = DraftRing(fixed_k=jnp.zeros((L, B, K, 0, E), dense.k.dtype), ring0=ring0)
+    return KVCache(k=k, v=v, lengths=n_valid(md, P, ring0)), ring

@@ -21,6 +21,7 @@ import numpy as np
 from jaxspec.config import ModelConfig
 from jaxspec.errors import InputError
 from jaxspec.generate import decode, prefill_jit
+from jaxspec.kv_cache import check_fits
 from jaxspec.metrics import Metrics
 from jaxspec.model.params import Params
 from jaxspec.sampling import SamplingParams
@@ -88,6 +89,10 @@ class Runner:
         key = (spec, B, P, out_len, chunk)
         if key in self._compiled:
             return self._compiled[key], 0.0
+        # a clear error, with the size needed, before XLA fails to allocate the target cache
+        itemsize = np.dtype(self.params.embed.dtype).itemsize
+        n1 = 1 if spec is None else spec.num_nodes
+        check_fits(self.cfg, B, P + out_len + n1, itemsize, "target KV cache")
         t0 = time.perf_counter()
         if spec is None:
             fn, dec, static = prefill_jit, decode, dict(cfg=self.cfg)

@@ -46,7 +46,7 @@ from jaxspec.model.params import Params
 from jaxspec.prefill import is_eos, prefill_cache
 from jaxspec.sampling import SamplingParams, probs, process_logits, sample
 from jaxspec.trees import TreeSpec
-from jaxspec.types import Array, Bool, Int, PRNGKeyArray
+from jaxspec.types import Array, Bool, Float, Int, PRNGKeyArray
 from jaxspec.verify import proposals, rules
 
 VERIFIERS = ("greedy", "swor", "rrs", "spechub", "point_mass")
@@ -166,19 +166,35 @@ def _draft_cache(spec: SpecConfig, state: SpecState) -> KVCache:
 
 def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
     """Tree tokens [B, N1], processed draft logits per node [B, N1, V], draft cache with scratch
-    (the draft KV of every node, except where MagicDec commits the target's KV instead)."""
+    (the draft KV of every node, except where MagicDec commits the target's KV instead).
+    A chain drafts incrementally: level d feeds only node d, whose ancestors' K/V are already in
+    the scratch slots before it (the cache's lengths are advanced by d for the pass), so γ drafts
+    cost γ one-token forwards. Other trees feed every node at every level (ancestor mask)."""
     tree = spec.tree
     B = state.root.shape[0]
     anc = jnp.asarray(tree.ancestor_mask)[None]
     toks = jnp.zeros((B, tree.num_nodes), jnp.int32).at[:, 0].set(state.root)
     zq = None
     dcache = _draft_cache(spec, state)
+    base = dcache.lengths
+    is_chain = tree.max_width == 1
+
+    def run(lo: int, hi: int, cache):
+        """Draft logits of nodes [lo, hi) and the cache with their K/V in its scratch."""
+        if not is_chain:
+            logits, cache = draft_forward(params_d, spec.draft, toks, positions, cache, anc)
+            return logits[:, lo:hi], cache
+        view = cache.replace(lengths=base + lo)  # the chain nodes before lo are the prefix
+        logits, cache = draft_forward(params_d, spec.draft, toks[:, lo:hi], positions[:, lo:hi],
+                                      view)  # fmt: skip
+        return logits, cache.replace(lengths=base)
+
     for level, (start, stop) in enumerate(tree.level_slices[:-1]):
-        logits, _ = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
+        logits, written = run(start, stop, dcache)
+        if is_chain:
+            dcache = written  # node `start`'s K/V stays for the next levels
         nodes = np.arange(start, stop)
-        z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(
-            logits[:, start:stop]
-        )
+        z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(logits)
         zq = z if zq is None else jnp.concatenate([zq, z], axis=1)
         kids = _draw_children(spec, z, tree.num_children[nodes], jax.random.fold_in(key, level))
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots
@@ -186,7 +202,8 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
                 toks = toks.at[:, child].set(kids[:, j, r])
     own_kv = spec.magicdec is None or not spec.magicdec.commit_target_kv
     if tree.num_speculated and own_kv:  # draft KV for every node (the accepted path is committed)
-        _, dcache = draft_forward(params_d, spec.draft, toks, positions, dcache, anc)
+        start = tree.max_depth if is_chain else 0
+        _, dcache = run(start, tree.num_nodes, dcache)
     n_inner = 0 if zq is None else zq.shape[1]
     if n_inner < tree.num_nodes:  # leaves of the last level: never used as q
         pad = jnp.zeros((B, tree.num_nodes - n_inner, spec.target.vocab_size), jnp.float32)
@@ -383,16 +400,39 @@ def spec_prefill(
 ) -> SpecState:
     """Prefill both caches (slots = P + max_new_tokens + tree size) and sample the first token.
     With n-gram drafting `params_d` is the datastore (or None) and the history buffer is kept."""
-    B, P = prompts.shape
+    P = prompts.shape[1]
     slots = P + max_new_tokens + spec.num_nodes
     lengths = prompt_lengths.astype(jnp.int32)
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
+    return spec_start(params_t, params_d, cache, last_h, prompts, key, sampling, max_new,
+                      spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+
+
+def spec_start(
+    params_t: Params,
+    params_d: Params,
+    cache: KVCache,
+    last_h: Float[Array, "B M"],
+    prompts: Int[Array, "B P"],
+    key: PRNGKeyArray,
+    sampling: SamplingParams,
+    max_new: Int[Array, " B"],
+    *,
+    spec: SpecConfig,
+    max_new_tokens: int,
+    chunk: int,
+) -> SpecState:
+    """The decode state from the target's prefilled cache (lengths = the prompt lengths, at least
+    P + max_new_tokens + tree size slots) and its last hidden states: the draft cache is built,
+    the first token sampled. Benchmarks call it to start several methods from one prefill."""
+    B, P = prompts.shape
+    lengths = cache.lengths
     dcache, ring = None, None
     if spec.uses_draft_model and spec.magicdec is not None:
         dcache, ring = _magicdec_prefill(params_d, spec, cache, prompts, lengths, chunk)
     elif spec.uses_draft_model:
         dcache, _ = prefill_cache(model_params(params_d), spec.draft, prompts, lengths,
-                                  slots=slots, chunk=chunk)  # fmt: skip
+                                  slots=cache.num_slots, chunk=chunk)  # fmt: skip
     key, sub = jax.random.split(key)
     first = sample(lm_head(params_t, last_h[:, None])[:, 0], sampling, sub)
     max_new = jnp.minimum(max_new.astype(jnp.int32), max_new_tokens)
@@ -430,7 +470,8 @@ def _magicdec_prefill(params_d, spec: SpecConfig, cache: KVCache, prompts, lengt
         return magicdec.build_streaming(md, model_params(params_d), spec.draft, prompts, lengths,
                                         chunk=c, scratch=scratch)  # fmt: skip
     if md.builder == "snapkv":
-        return magicdec.build_snapkv(md, params_d, spec.draft, cache, prompts, lengths, scratch)
+        return magicdec.build_snapkv(md, model_params(params_d), spec.draft, cache, prompts,
+                                     lengths, scratch)  # fmt: skip
     dense = cache
     if not md.self_draft:  # the draft model's own dense prompt KV, compacted
         dense, _ = prefill_cache(model_params(params_d), spec.draft, prompts, lengths,

@@ -178,3 +178,35 @@ def test_critiprefill_on_smollm2(smollm2, capsys):
     assert tokens(*cp, "--budget", "128", "--threshold", "4096") == dense
     pruned = tokens(*cp, "--budget", "64", "--threshold", "128")
     assert len(pruned) == 6
+
+
+def test_magicdec_builders_equal_ar_on_smollm2(smollm2, capsys):
+    """MagicDec self-speculation on the real model with a 64-slot draft cache (the window slides
+    over a ~400-token prompt): every builder emits exactly AR's greedy tokens."""
+    text = " ".join(f"Line {i}: the {'cat' if i % 2 else 'dog'} sat on mat {i}." for i in range(40))
+    base = ["generate", "--prompt", text, "--max-new-tokens", "12", "--json", "--no-chat"]
+    code, out, _ = run_cli(capsys, *base)
+    assert code == 0
+    want = json.loads(out)["results"][0]["token_ids"]
+    for builder in ("copy", "streaming", "snapkv"):
+        code, out, err = run_cli(capsys, *base, "--method", "magicdec", "--gamma", "3",
+                                 "--draft-budget", "64", "--sink", "4",
+                                 "--draft-builder", builder)  # fmt: skip
+        assert code == 0, err
+        obj = json.loads(out)
+        assert obj["results"][0]["token_ids"] == want, builder
+        assert obj["metrics"]["method"] == "magicdec" and obj["metrics"]["tau"] >= 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--method", "magicdec", "--draft-budget", "8", "--sink", "16"], "budget"),
+        (["--method", "magicdec", "--drafter", "layerskip"], "--drafter self"),
+        (["--method", "chain", "--gamma", "auto"], "magicdec"),
+        (["--method", "magicdec", "--gamma", "auto", "--tree", "kary_2x3"], "--tree"),
+    ],
+)
+def test_magicdec_option_errors(smollm2, extra, needle, capsys):
+    code, _, err = run_cli(capsys, "generate", "--prompt", "x", *extra)
+    assert code == 2 and needle in err and "Traceback" not in err

@@ -65,6 +65,8 @@ def ar_tokens():
         ("copy", True, "kary2x2"),
         ("streaming", True, "chain3"),
         ("streaming", True, "irregular9"),
+        ("snapkv", True, "chain3"),
+        ("snapkv", True, "kary2x2"),
         ("copy", False, "chain2"),
         ("streaming", False, "kary2x2"),
     ],
@@ -72,7 +74,7 @@ def ar_tokens():
 def test_greedy_equals_autoregressive(builder, self_draft, tree):
     trees = {"chain2": chain(2), "chain3": chain(3), "kary2x2": kary(2, 2),
              "irregular9": load_tree("irregular_9")}  # fmt: skip
-    md = MagicDec(budget=16, sink=4, builder=builder, self_draft=self_draft)
+    md = MagicDec(budget=16, sink=4, builder=builder, self_draft=self_draft, obs_window=8)
     spec = SpecConfig(CFG, CFG, trees[tree], "greedy", magicdec=md)
     got, st = run(spec, PARAMS if self_draft else OTHER)
     assert got == ar_tokens()
@@ -166,6 +168,31 @@ def test_streaming_prefill_with_room_for_everything_is_the_dense_prefill():
                                    np.asarray(dense.k[:, b, :, :n]), atol=1e-5)  # fmt: skip
 
 
+def test_snapkv_selection_matches_brute_force():
+    """Per (layer, row, KV head): the top-F positions before the window by pooled attention."""
+    md = MagicDec(budget=10, builder="snapkv", obs_window=4, pool=3)
+    L, B, K, G, S, E, T = 2, 3, 2, 2, 24, 4, md.obs_window
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(L, B, T, K * G, E)).astype(np.float32)
+    k = rng.normal(size=(L, B, K, S, E)).astype(np.float32)
+    lengths = np.array([24, 17, 12])
+    got = np.asarray(magicdec.snapkv_select(md, jnp.asarray(q), jnp.asarray(k),
+                                            jnp.asarray(lengths)))  # fmt: skip
+    for l_, b, h in np.ndindex(L, B, K):
+        n, start = lengths[b], lengths[b] - T
+        w = np.zeros(S)
+        for g in range(G):
+            for t in range(T):
+                s = k[l_, b, h, : start + t + 1] @ q[l_, b, t, h * G + g] / np.sqrt(E)
+                p = np.exp(s - s.max())
+                w[: start + t + 1] += p / p.sum()
+        assert n <= S
+        padded = np.pad(w, 1)
+        pooled = (padded[:-2] + padded[1:-1] + padded[2:]) / 3
+        want = np.argsort(-pooled[:start], kind="stable")[: md.fixed]
+        assert sorted(got[l_, b, h].tolist()) == sorted(want.tolist())
+
+
 def test_bad_configurations_are_rejected_clearly():
     with pytest.raises(ConfigError, match="budget"):
         MagicDec(budget=16, sink=16)
@@ -178,3 +205,52 @@ def test_bad_configurations_are_rejected_clearly():
     with pytest.raises(ConfigError, match="target"):
         other = dataclasses.replace(CFG, num_layers=2)
         SpecConfig(CFG, other, chain(2), "greedy", magicdec=MagicDec(budget=32))
+
+
+def _synthetic_profile(path):
+    """t(b, c, s) = parameter time (grows with b·s past a knee) + KV time (∝ b·c)."""
+    from jaxspec.profiling import write_toml
+
+    batches, contexts, tokens = [1, 16], [256, 512, 1024, 4096], [1, 2, 3, 4, 5]
+    t = [[[0.05 * (1 + 0.3 * (s - 1) * b / 16) + 1e-6 * b * c for s in tokens] for c in contexts]
+         for b in batches]  # fmt: skip
+    body = {"budgets": [256, 512], "alpha_contexts": [1024, 4096],
+            "alpha": [[0.5, 0.6], [0.8, 0.85]], "batches": batches, "contexts": contexts,
+            "tokens": tokens, "target_s": t}  # fmt: skip
+    write_toml(path, body, ["synthetic MagicDec profile"])
+    return body
+
+
+def test_gamma_auto_picks_the_best_predicted_chain_per_bucket(tmp_path):
+    """--gamma auto: per bucket the (γ, K) maximising Ω(γ, α(K))·t1 / (γ·t(b,K,1) + t(b,n,γ+1))
+    over the profile (brute force here), AR where nothing beats 1; the runner's spec function
+    returns the matching SpecConfig."""
+    import types
+
+    from jaxspec import costmodel
+    from jaxspec.magicdec_auto import auto_magicdec, read_magicdec_profile
+
+    path = tmp_path / "magicdec.toml"
+    body = _synthetic_profile(path)
+    md = MagicDec(budget=512, sink=16)
+    args = types.SimpleNamespace(magicdec_profile=path)
+    model = types.SimpleNamespace(name="tiny", cfg=CFG)
+    spec_for = auto_magicdec(args, model, md, CFG, "greedy")
+    t = body["target_s"]
+    assert spec_for(1, 4096) is None  # batch 1: the draft costs as much as the target
+    spec = spec_for(16, 4096)
+    best, arg = 1.0, None
+    for gi, g in enumerate(range(1, 5)):
+        for ki, K in enumerate(body["budgets"]):
+            sp = costmodel.speedup_chain(body["alpha"][1][ki], g, t[1][3][0], t[1][ki][0],
+                                         t[1][3][gi + 1])  # fmt: skip
+            if sp > best:
+                best, arg = sp, (g, K)
+    assert arg is not None and (spec.tree.max_depth, spec.magicdec.budget) == arg
+    assert spec_for(9, 4096) == spec  # batch 9 rounds up to the profiled 16
+    bad = tmp_path / "bad.toml"
+    bad.write_text("budgets = [1]\n")
+    with pytest.raises(ConfigError, match="not a MagicDec profile"):
+        read_magicdec_profile(bad)
+    with pytest.raises(ConfigError, match="bench --long-context"):
+        read_magicdec_profile(tmp_path / "missing.toml")

@@ -90,10 +90,11 @@ def test_greedy_equals_autoregressive(tree, draft):
     assert int(np.asarray(st.live_steps).max()) <= int(st.steps)
 
 
-def test_kv_commit_invariant():
+@pytest.mark.parametrize("tree", ["kary2x2", "chain4"])  # a chain drafts incrementally
+def test_kv_commit_invariant(tree):
     prompts, lengths = batch([5, 12], seed=2)
     max_new = jnp.asarray([20, 20])
-    spec = SpecConfig(CFG, SKIP_CFG, kary(2, 2), "greedy")
+    spec = SpecConfig(CFG, SKIP_CFG, TREES[tree], "greedy")
     st = spec_generate(PARAMS, SKIP, prompts, lengths, jax.random.key(0), SamplingParams.make(2),
                        max_new, spec=spec, max_new_tokens=24, chunk=8)  # fmt: skip
     outs = outputs(st)

@@ -38,10 +38,12 @@ def forward_hidden(
     cache: KVCache,
     inflight: Bool[Array, "#B T T"] | None = None,
     sparse_prefill: Bool[Array, ""] | None = None,
+    queries: bool = False,
 ) -> tuple[Float[Array, "B T M"], KVCache]:
     """Final-normed hidden states of the in-flight tokens, and the cache with their K/V written.
     `sparse_prefill` (a prefill chunk of a model with `cfg.prefill` set): whether this chunk runs
-    CritiPrefill's block-sparse attention (`jaxspec/critiprefill.py`)."""
+    CritiPrefill's block-sparse attention (`jaxspec/critiprefill.py`). `queries`: also return
+    every layer's post-RoPE queries [L, B, T, H, E] (SnapKV's observation window)."""
     B, T = tokens.shape
     if inflight is None:
         inflight = causal_mask(T)
@@ -77,15 +79,17 @@ def forward_hidden(
         h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
         h = h + swiglu(x, lp.w_gate_up, lp.w_down)
-        return (h, state), (k, v)
+        return (h, state), (k, v, q if queries else None)
 
     xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))
-    (h, _), (k_new, v_new) = jax.lax.scan(layer, (h, state), xs)
+    (h, _), (k_new, v_new, q_all) = jax.lax.scan(layer, (h, state), xs)
     # The new K/V rows go to slots lengths + t, written once after the layers, in place (writes
     # past S are dropped). Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
     k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
     v_all = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    if queries:
+        return h, cache.replace(k=k_all, v=v_all), q_all
     return h, cache.replace(k=k_all, v=v_all)
 
 

@@ -1,0 +1,426 @@
+"""`jaxspec bench --long-context`: MagicDec's batch × context sweep (ALGORITHMS.md §1(e)).
+
+For each context length n (`--context-lengths`) the prompts are n-token windows of the books in
+`--prompts-file` (JSONL records with a `text` field; tokenized without the chat template; window
+i comes from book i mod #books, at offset `--skip` + (i div #books)·n tokens). Per context:
+
+  1. Prefill `--distinct-rows` D windows once (dense, timed: TTFT). Every batch size B reuses
+     this prefill: the state for B rows is gathered from the D prefilled rows (row r = window
+     r mod D). Rows are real text, but a batch of B > D rows holds only D distinct windows:
+     throughput is honest (no row shares work with another), acceptance is measured on D windows.
+  2. Acceptance vs budget: at B = D, self-speculation (`--draft-builder`) with a chain of γ_ref =
+     max(--gammas) for each budget K in `--budgets`: α(K) = Σ_d reach_d ÷ Σ_d reach_{d−1}
+     (the per-token acceptance that fits a geometric chain; reach_d = steps accepting ≥ d).
+  3. For each batch size B: the timing table t(B, n, s) (target forward of s tokens per row over
+     the n-token cache, s = 1 … max γ + 1) and t(B, K, 1) (a draft step over a K-slot cache),
+     medians of a few runs after a warm-up; then AR decoding and MagicDec for every γ in
+     `--gammas` at `--draft-budget`, plus the chooser's pick if it is not among them. Each run
+     decodes `--max-new-tokens` tokens per row (the first comes from the prefill).
+  4. Predicted speedup of every configuration = Ω(γ, α(K)) · t(B,n,1) / (γ·t(B,K,1) + t(B,n,γ+1))
+     (`costmodel.speedup_chain`, the measured timings and α); measured speedup = MagicDec decode
+     tokens/s ÷ AR decode tokens/s in the same process. The chooser (`costmodel
+     .choose_speculation` over the measured table) picks (γ, K) or AR; its pick's measured
+     speedup is compared with the best measured configuration.
+Compile time is excluded from every timing. Results go to stdout as Markdown, `--json`, the
+`--out-md` section (markers `<!-- bench-long:start/end -->`) and the MagicDec profile TOML that
+`--gamma auto` reads (`--profile-out`, default configs/profiles/magicdec__<device>__<model>.toml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shlex
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.errors import InputError
+
+START, END = "<!-- bench-long:start -->", "<!-- bench-long:end -->"
+
+
+def log(msg: str):
+    from jaxspec.bench import log as _log
+
+    _log(msg)
+
+
+def book_windows(path: Path, tokenizer, n: int, count: int, skip: int) -> list[list[int]]:
+    """`count` windows of n tokens (see the module docstring)."""
+    from jaxspec.fsutil import iter_jsonl
+
+    books = []
+    need = (skip + n * count) * 6  # characters: plenty for the windows (≈ 4 per token)
+    for line, rec in iter_jsonl(path, "books file"):
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise InputError(f"{path}:{line}: expected an object with a 'text' string")
+        books.append(tokenizer.encode(rec["text"][:need], chat=False))
+    if not books:
+        raise InputError(f"{path}: no records")
+    out = []
+    for i in range(count):
+        ids = books[i % len(books)]
+        off = skip + (i // len(books)) * n
+        if off + n > len(ids):
+            raise InputError(f"{path}: book {i % len(books)} has {len(ids)} tokens, too few for "
+                             f"a window of {n} at offset {off}")  # fmt: skip
+        out.append(ids[off : off + n])
+    return out
+
+
+def geometric_alpha(accept_hist: np.ndarray) -> float:
+    """Per-token acceptance of a chain from its accepted-length histogram [γ + 1]."""
+    reach = accept_hist[::-1].cumsum()[::-1]  # reach[d] = steps accepting >= d
+    den = reach[:-1].sum()
+    return float(reach[1:].sum() / den) if den else 0.0
+
+
+def _median_time(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+class LongBench:
+    """One model, one context length: the prefilled base rows and the runs gathered from them."""
+
+    def __init__(self, model, args, n: int, rows: list[list[int]], slots: int):
+        from jaxspec.prefill import prefill_cache
+        from jaxspec.runner import prompt_bucket
+
+        self.model, self.args, self.n = model, args, n
+        self.P = prompt_bucket(n)
+        D = len(rows)
+        arr = np.zeros((D, self.P), np.int32)
+        for i, ids in enumerate(rows):
+            arr[i, : len(ids)] = ids
+        self.prompts = jnp.asarray(arr)
+        lengths = jnp.full((D,), n, jnp.int32)
+        chunk = min(256, self.P & -self.P)
+        self.chunk = chunk
+        pre = jax.jit(prefill_cache, static_argnames=("cfg", "slots", "chunk"))
+        kw = dict(slots=slots, chunk=chunk)
+        t0 = time.perf_counter()
+        exe = pre.lower(model.params, model.cfg, self.prompts, lengths, **kw).compile()
+        self.compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.cache, self.last_h = jax.block_until_ready(exe(model.params, self.prompts, lengths))
+        self.prefill_s = time.perf_counter() - t0
+        self._start = jax.jit(_start_gathered, static_argnames=("spec", "max_new_tokens", "chunk"))
+
+    def state(self, spec, B: int, max_new_tokens: int):
+        from jaxspec.sampling import SamplingParams
+
+        idx = jnp.arange(B) % self.prompts.shape[0]
+        max_new = jnp.full((B,), max_new_tokens, jnp.int32)
+        return self._start(self.model.params, self.model.params, self.cache, self.last_h,
+                           self.prompts, idx, jax.random.key(0), SamplingParams.make(B),
+                           max_new, spec=spec, max_new_tokens=max_new_tokens,
+                           chunk=self.chunk)  # fmt: skip
+
+    def run(self, spec, B: int, max_new_tokens: int) -> dict:
+        """Decode B rows with `spec` (chain(0) = AR): tokens/s, tau, α, compile seconds."""
+        from jaxspec.speculative import spec_decode
+
+        state = self.state(spec, B, max_new_tokens)
+        t0 = time.perf_counter()
+        dec = spec_decode.lower(self.model.params, self.model.params, state, spec).compile()
+        compile_s = time.perf_counter() - t0
+        jax.block_until_ready(state)
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(dec(self.model.params, self.model.params, state))
+        decode_s = time.perf_counter() - t0
+        n_out = np.asarray(state.n_out)
+        hist = np.asarray(state.accept_hist).sum(0)
+        emitted = int(n_out.sum()) - B
+        live = int(np.asarray(state.live_steps).sum())
+        out = {"tokens_per_s": emitted / decode_s, "decode_s": decode_s, "compile_s": compile_s,
+               "tau": emitted / live if live else 0.0, "steps": int(state.steps),
+               "alpha": geometric_alpha(hist) if spec.num_speculated else None,
+               "tokens": np.asarray(state.tokens)[0, : int(n_out[0])].tolist()}  # fmt: skip
+        del state
+        return out
+
+    def timings(self, B: int, tokens: list[int], budgets: list[int], reps: int) -> dict:
+        """t(B, n, s) for s in `tokens` and t(B, K, 1) for K in `budgets` (seconds)."""
+        from jaxspec.kv_cache import KVCache
+        from jaxspec.model import forward
+
+        cfg = self.model.cfg
+        idx = jnp.arange(B) % self.prompts.shape[0]
+
+        @jax.jit
+        def fwd(params, cache, toks):
+            pos = cache.lengths[:, None] + jnp.arange(toks.shape[1])[None]
+            return forward(params, cfg, toks, pos, cache)[0]  # the cache writes are dead code
+
+        @jax.jit
+        def gathered(cache):
+            return KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+
+        cache = gathered(self.cache)
+        t = {}
+        for s in tokens:
+            t[(self.n, s)] = _median_time(fwd, self.model.params, cache,
+                                          jnp.ones((B, s), jnp.int32), reps=reps)  # fmt: skip
+        del cache
+        for K in budgets:
+            small = KVCache(k=jnp.zeros(self.cache.k.shape[:1] + (B,) + self.cache.k.shape[2:3]
+                                        + (K + 1,) + self.cache.k.shape[4:], self.cache.k.dtype),
+                            v=None, lengths=jnp.full((B,), K, jnp.int32))  # fmt: skip
+            small = small.replace(v=jnp.zeros_like(small.k))
+            t[(K, 1)] = _median_time(fwd, self.model.params, small, jnp.ones((B, 1), jnp.int32),
+                                     reps=reps)  # fmt: skip
+        return t
+
+
+def _start_gathered(params_t, params_d, cache, last_h, prompts, idx, key, sampling, max_new, *,
+                    spec, max_new_tokens, chunk):  # fmt: skip
+    """`spec_start` for B rows gathered (row r = base row idx[r]) from the prefilled base rows."""
+    from jaxspec.kv_cache import KVCache
+    from jaxspec.speculative import spec_start
+
+    cache = KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+    return spec_start(params_t, params_d, cache, last_h[idx], prompts[idx], key, sampling,
+                      max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+
+
+def measured_table(timings: dict, batches: list[int], contexts: list[int], tokens: list[int]):
+    """A `jaxspec profile device`-style table {batches, contexts, tokens, target_s} from the
+    measured points (t(B, n, s) at the bench contexts, t(B, K, 1) at the budgets: missing
+    (context, s) points of budget contexts are filled from s = 1 scaled by the context's own
+    s-profile, which the chooser never reads for drafts)."""
+    target = []
+    for b in batches:
+        tb = timings[b]
+        rows = []
+        for c in contexts:
+            if (c, tokens[-1]) in tb:
+                rows.append([tb[(c, s)] for s in tokens])
+            else:  # a budget context: only s = 1 is measured (a draft step)
+                rows.append([tb[(c, 1)]] * len(tokens))
+        target.append(rows)
+    return {"batches": batches, "contexts": contexts, "tokens": tokens, "target_s": target}
+
+
+def cmd_bench_long(args) -> int:
+    from jaxspec import costmodel
+    from jaxspec.bench import machine_info, machine_line, write_section
+    from jaxspec.cli import _int_list, build_magicdec_config
+    from jaxspec.kv_cache import check_fits
+    from jaxspec.models import load_model
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import chain
+
+    if args.prompts_file is None:
+        raise InputError("--long-context needs --prompts-file (a JSONL of books with 'text', "
+                         "e.g. long_context/books.jsonl)")  # fmt: skip
+    batches = _int_list(args.batch_sizes, "--batch-sizes")
+    contexts = _int_list(args.context_lengths, "--context-lengths")
+    budgets = _int_list(args.budgets, "--budgets")
+    gammas = _int_list(args.gammas, "--gammas")
+    if args.distinct_rows < 1:
+        raise InputError(f"--distinct-rows must be >= 1, got {args.distinct_rows}")
+    if args.temperature != 0:
+        raise InputError("--long-context measures greedy decoding: use --temperature 0")
+    md0 = build_magicdec_config(args)
+    model = load_model(args.model, args.dtype, progress=True, attention=args.attention)
+    cfg = model.cfg
+    out_len = args.max_new_tokens
+    n1 = max(gammas) + 1
+    for n in contexts:
+        if n + out_len + n1 > cfg.max_position_embeddings:
+            raise InputError(f"context {n} + {out_len} new tokens exceeds the model's "
+                             f"{cfg.max_position_embeddings} positions")  # fmt: skip
+    if model.tokenizer is None:
+        raise InputError(f"{model.path}: no tokenizer.json")
+    itemsize = np.dtype(model.params.embed.dtype).itemsize
+    tokens = list(range(1, n1 + 1))
+    ref_gamma = max(gammas)
+    results, alphas_by_ctx, timings_by_ctx = [], {}, {}
+    t_all = time.perf_counter()
+
+    def spec_of(g, K):
+        if g == 0:
+            return SpecConfig(cfg, cfg, chain(0))
+        md = dataclasses.replace(md0, budget=K)
+        return SpecConfig(cfg, cfg, chain(g), "greedy", magicdec=md)
+
+    for n in contexts:
+        from jaxspec.runner import prompt_bucket
+
+        D = min(args.distinct_rows, max(batches))
+        slots = prompt_bucket(n) + out_len + n1
+        rows = book_windows(args.prompts_file, model.tokenizer, n, D, args.skip)
+        bench = LongBench(model, args, n, rows, slots)
+        log(f"context {n}: prefilled {D} windows in {bench.prefill_s:.1f} s "
+            f"(compile {bench.compile_s:.1f} s)")  # fmt: skip
+        ar_ref = bench.run(spec_of(0, 0), D, out_len)
+        alphas = {}
+        for K in budgets:
+            r = bench.run(spec_of(ref_gamma, K), D, out_len)
+            if r["tokens"] != ar_ref["tokens"]:
+                raise RuntimeError(f"MagicDec output differs from AR at context {n}, budget {K}")
+            alphas[K] = r["alpha"]
+            log(f"context {n}: budget {K}: alpha {r['alpha']:.3f}, tau {r['tau']:.2f} "
+                f"(γ = {ref_gamma})")  # fmt: skip
+        alphas_by_ctx[n] = alphas
+        for B in batches:
+            try:
+                check_fits(cfg, B, slots, itemsize, "target KV cache")
+            except InputError as e:
+                log(f"context {n}, batch {B}: skipped: {e}")
+                results.append({"context": n, "batch": B, "skipped": str(e)})
+                continue
+            t = bench.timings(B, tokens, budgets, args.reps)
+            timings_by_ctx.setdefault(n, {})[B] = t
+            ar = bench.run(spec_of(0, 0), B, out_len)
+            table = measured_table({B: t}, [B], sorted(set(budgets) | {n}), tokens)
+            timing = costmodel.MeasuredTiming.from_table(table, source="bench")
+            pick = costmodel.choose_speculation(alphas, timing, B, n, gammas=gammas)
+            configs = [(g, md0.budget) for g in gammas]
+            if pick is not None and (pick.gamma, pick.budget) not in configs:
+                configs.append((pick.gamma, pick.budget))
+            row = {"context": n, "batch": B, "ar_tokens_per_s": ar["tokens_per_s"],
+                   "ar_compile_s": ar["compile_s"], "prefill_s_per_row": bench.prefill_s / D,
+                   "pick": None if pick is None else [pick.gamma, pick.budget],
+                   "pick_predicted": None if pick is None else pick.speedup,
+                   "t_ar_step_s": t[(n, 1)], "configs": []}  # fmt: skip
+            for g, K in configs:
+                K_eff = min(K, n)
+                pred = costmodel.speedup_chain(
+                    alphas[K],
+                    g,
+                    t[(n, 1)],
+                    t[(K_eff, 1)] if (K_eff, 1) in t else t[(K, 1)],
+                    t[(n, g + 1)],
+                )
+                r = bench.run(spec_of(g, K), B, out_len)
+                sp = r["tokens_per_s"] / ar["tokens_per_s"]
+                row["configs"].append({"gamma": g, "budget": K, "measured": sp, "predicted": pred,
+                                       "tau": r["tau"], "alpha": r["alpha"],
+                                       "tokens_per_s": r["tokens_per_s"],
+                                       "compile_s": r["compile_s"]})  # fmt: skip
+                log(f"context {n}, batch {B}: γ={g} K={K}: {sp:.2f}× measured, {pred:.2f}× "
+                    f"predicted, tau {r['tau']:.2f}")  # fmt: skip
+            best = max(row["configs"], key=lambda c: c["measured"])
+            row["best"] = [best["gamma"], best["budget"], best["measured"]]
+            if pick is None:
+                row["pick_measured"] = 1.0
+            else:
+                chosen = (pick.gamma, pick.budget)
+                row["pick_measured"] = next(
+                    c["measured"] for c in row["configs"] if (c["gamma"], c["budget"]) == chosen
+                )
+            results.append(row)
+        del bench
+    total_s = time.perf_counter() - t_all
+    report = {
+        "model": str(model.name), "dtype": args.dtype, "builder": md0.builder, "sink": md0.sink,
+        "budget": md0.budget, "gammas": gammas, "budgets": budgets, "batches": batches,
+        "contexts": contexts, "max_new_tokens": out_len, "distinct_rows": args.distinct_rows,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+        "jax_version": jax.__version__, "machine": machine_info(),
+        "command": "jaxspec " + shlex.join(getattr(args, "argv", []) or ["bench"]),
+        "alphas": {str(n): {str(k): a for k, a in al.items()} for n, al in alphas_by_ctx.items()},
+        "results": results, "total_s": total_s,
+    }  # fmt: skip
+    md = report_markdown(report, machine_line(report["machine"]))
+    print(md)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.out_md is not None:
+        write_section(args.out_md, md, START, END)
+    prof = args.profile_out or magicdec_profile_path(Path(str(model.name)).name)
+    write_profile(prof, report, timings_by_ctx, budgets, tokens)
+    log(f"wrote the MagicDec profile {prof}")
+    return 0
+
+
+def magicdec_profile_path(model_name: str) -> Path:
+    """configs/profiles/magicdec__<platform>-<device kind>__<model>.toml (default device)."""
+    from jaxspec.profiling import device_profile_path
+
+    dev = device_profile_path(model_name)
+    return dev.with_name(dev.name.replace("device__", "magicdec__", 1))
+
+
+def write_profile(path: Path, report: dict, timings_by_ctx: dict, budgets, tokens):
+    """The MagicDec profile `--gamma auto` reads: α per (context, budget) and the measured
+    timing table per batch over the union of bench contexts and budgets."""
+    from jaxspec.profiling import write_toml
+
+    contexts = sorted({int(n) for n in timings_by_ctx})
+    batches = sorted({b for t in timings_by_ctx.values() for b in t})
+    batches = [b for b in batches if all(b in timings_by_ctx[n] for n in contexts)]
+    merged = {b: {k: v for n in contexts for k, v in timings_by_ctx[n][b].items()}
+              for b in batches}  # fmt: skip
+    table = measured_table(merged, batches, sorted(set(budgets) | set(contexts)), tokens)
+    body = {"model": report["model"], "command": report["command"], "date": report["date"],
+            "builder": report["builder"], "sink": report["sink"], "budgets": list(budgets),
+            "alpha_contexts": contexts,
+            "alpha": [[report["alphas"][str(n)][str(k)] for k in budgets] for n in contexts],
+            **table}  # fmt: skip
+    write_toml(path, body, ["MagicDec profile (jaxspec bench --long-context): greedy "
+                            "self-speculation acceptance alpha[context][budget] and measured "
+                            "target forward seconds target_s[batch][context][tokens]"])  # fmt: skip
+
+
+def report_markdown(r: dict, machine: str) -> str:
+    lines = [
+        "## MagicDec: speedup vs batch size and context (`jaxspec bench --long-context`)",
+        "",
+        f"- Date (UTC): {r['date']}; machine: {machine}; JAX {r['jax_version']}",
+        f"- Command: `{r['command']}`",
+        f"- `{r['model']}` {r['dtype']}, greedy self-speculation, draft cache builder "
+        f"`{r['builder']}`"
+        + (
+            " (the target's sink/window KV rows copied, not the reference's streaming re-prefill)"
+            if r["builder"] == "copy"
+            else ""
+        )
+        + f", sink {r['sink']}; {r['max_new_tokens']} new tokens per row; book windows, "
+        f"{r['distinct_rows']} distinct per context (larger batches repeat them); "
+        f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run; predicted = "
+        f"Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from the measured forward times; "
+        f"compile time excluded; total run {r['total_s'] / 60:.1f} min",
+        "",
+        "Acceptance α (per token, greedy) vs draft budget K:",
+        "",
+        "| context | " + " | ".join(f"K = {k}" for k in r["budgets"]) + " |",
+        "|---|" + "---|" * len(r["budgets"]),
+    ]
+    for n, al in r["alphas"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{al[str(k)]:.3f}" for k in r["budgets"]) + " |")
+    cols = [f"γ={g}" for g in r["gammas"]]
+    lines += [
+        "",
+        f"Speedup over AR, measured (predicted), budget K = {r['budget']}; chooser's pick "
+        f"(γ, K) with its measured speedup vs the best measured:",
+        "",
+        "| context | batch | AR tok/s | " + " | ".join(cols) + " | pick | pick / best |",
+        "|---|---|---|" + "---|" * len(cols) + "---|---|",
+    ]
+    for row in r["results"]:
+        if "skipped" in row:
+            lines.append(f"| {row['context']} | {row['batch']} | skipped: {row['skipped']} |")
+            continue
+        cells = []
+        for g in r["gammas"]:
+            c = next(c for c in row["configs"] if c["gamma"] == g and c["budget"] == r["budget"])
+            cells.append(f"{c['measured']:.2f}× ({c['predicted']:.2f}×)")
+        pick = "AR" if row["pick"] is None else f"γ={row['pick'][0]}, K={row['pick'][1]}"
+        pick += f": {row['pick_measured']:.2f}×"
+        ratio = row["pick_measured"] / max(row["best"][2], 1.0)
+        lines.append(f"| {row['context']} | {row['batch']} | {row['ar_tokens_per_s']:.1f} | "
+                     + " | ".join(cells) + f" | {pick} | {ratio:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,86 @@
+"""`--method magicdec --gamma auto`: γ and the draft budget per (batch, context) bucket.
+
+Reads the MagicDec profile written by `jaxspec bench --long-context` (α[context][budget], greedy
+self-speculation, and the measured target forward times target_s[batch][context][tokens]) and
+asks `costmodel.choose_speculation` for each bucket the runner meets: the chain length γ and
+budget K with the highest predicted speedup, or None (autoregressive decoding) where no
+configuration is predicted to beat AR. Off the measured grid: the batch bucket is rounded up to
+the next profiled batch (the largest one past the end), the context is clipped to the measured
+range, and α is taken at the nearest profiled context. The profile is greedy; at T > 0 the same
+α is used as an estimate. Self-speculation only (the table times the target as its own draft).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import tomllib
+from pathlib import Path
+
+from jaxspec.errors import ConfigError, InputError
+
+
+def read_magicdec_profile(path: Path) -> dict:
+    try:
+        prof = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{path}: no readable MagicDec profile for --gamma auto ({e}); make "
+                          "one with `jaxspec bench --long-context`") from None  # fmt: skip
+    for key in ("budgets", "alpha_contexts", "alpha", "batches", "contexts", "tokens", "target_s"):
+        if key not in prof:
+            raise ConfigError(f"{path}: no {key!r}: not a MagicDec profile")
+    if len(prof["alpha"]) != len(prof["alpha_contexts"]) or any(
+        len(row) != len(prof["budgets"]) for row in prof["alpha"]
+    ):
+        raise ConfigError(f"{path}: 'alpha' must be [len(alpha_contexts)][len(budgets)]")
+    return prof
+
+
+class AutoMagicDec:
+    """bucket → (γ, budget) or None, from a MagicDec profile."""
+
+    def __init__(self, prof: dict, source: str = "profile"):
+        from jaxspec.costmodel import MeasuredTiming
+
+        self.prof = prof
+        table = {k: prof[k] for k in ("batches", "contexts", "tokens", "target_s")}
+        self.timing = MeasuredTiming.from_table(table, source=source)
+        self.gammas = tuple(range(1, max(prof["tokens"])))  # verify needs γ + 1 timed tokens
+
+    def choose(self, batch: int, context: int):
+        from jaxspec.costmodel import choose_speculation
+
+        p = self.prof
+        batches = p["batches"]
+        b = batches[min(bisect.bisect_left(batches, batch), len(batches) - 1)]
+        measured = [c for c in p["contexts"] if c in p["alpha_contexts"]] or p["contexts"]
+        ctx = min(max(context, min(measured)), max(measured))
+        near = min(range(len(p["alpha_contexts"])),
+                   key=lambda i: abs(p["alpha_contexts"][i] - context))  # fmt: skip
+        alphas = dict(zip(p["budgets"], p["alpha"][near], strict=True))
+        return choose_speculation(alphas, self.timing, b, ctx, gammas=self.gammas)
+
+
+def auto_magicdec(args, model, md, dcfg, verifier: str):
+    """The runner's per-bucket spec function for `--method magicdec --gamma auto`."""
+    from jaxspec.bench_long import magicdec_profile_path
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import chain
+
+    if not md.self_draft:
+        raise InputError("--gamma auto is profiled for self-speculation: drop --drafter model")
+    path = getattr(args, "magicdec_profile", None) or magicdec_profile_path(
+        Path(str(model.name)).name
+    )
+    auto = AutoMagicDec(read_magicdec_profile(path), source=str(path))
+
+    @functools.cache
+    def spec_for(batch: int, context: int):
+        pick = auto.choose(batch, context)
+        if pick is None:
+            return None
+        mdk = dataclasses.replace(md, budget=pick.budget)
+        return SpecConfig(model.cfg, dcfg, chain(pick.gamma), verifier, magicdec=mdk)
+
+    return spec_for
