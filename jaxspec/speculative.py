@@ -165,7 +165,8 @@ def _draft_cache(spec: SpecConfig, state: SpecState) -> KVCache:
 
 
 def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
-    """Tree tokens [B, N1], processed draft logits per node [B, N1, V], draft cache with scratch
+    """Tree tokens [B, N1], processed draft logits per node [B, N1, V] (raw for the greedy
+    verifier, which needs no q), draft cache with scratch
     (the draft KV of every node, except where MagicDec commits the target's KV instead).
     A chain drafts incrementally: level d feeds only node d, whose ancestors' K/V are already in
     the scratch slots before it (the cache's lengths are advanced by d for the pass), so γ drafts
@@ -194,7 +195,12 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
         if is_chain:
             dcache = written  # node `start`'s K/V stays for the next levels
         nodes = np.arange(start, stop)
-        z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(logits)
+        if spec.verifier == "greedy":  # children = the draft's top-k; no q is needed (no sort)
+            z = logits
+        else:
+            z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(
+                logits
+            )
         zq = z if zq is None else jnp.concatenate([zq, z], axis=1)
         kids = _draw_children(spec, z, tree.num_children[nodes], jax.random.fold_in(key, level))
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots
