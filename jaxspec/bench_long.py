@@ -289,7 +289,9 @@ def cmd_bench_long(args) -> int:
         alphas_by_ctx[n] = alphas
         for B in batches:
             try:
-                check_fits(cfg, B, slots, itemsize, "target KV cache")
+                # the gathered cache, XLA's working copy of it in the decode loop and the
+                # prefilled base rows: a batch at 8K × 32 rows was OOM-killed at 1.1 copies
+                check_fits(cfg, B, slots, itemsize, "target KV cache", copies=2.2)
             except InputError as e:
                 log(f"context {n}, batch {B}: skipped: {e}")
                 results.append({"context": n, "batch": B, "skipped": str(e)})
@@ -338,6 +340,10 @@ def cmd_bench_long(args) -> int:
                     c["measured"] for c in row["configs"] if (c["gamma"], c["budget"]) == chosen
                 )
             results.append(row)
+            if args.json is not None:  # partial results survive a crash of a later bucket
+                args.json.write_text(json.dumps({"partial": True, "alphas": {
+                    str(k): {str(b): a for b, a in v.items()} for k, v in alphas_by_ctx.items()},
+                    "results": results}, indent=1) + "\n")  # fmt: skip
         del bench
     total_s = time.perf_counter() - t_all
     report = {
@@ -350,6 +356,9 @@ def cmd_bench_long(args) -> int:
         "alphas": {str(n): {str(k): a for k, a in al.items()} for n, al in alphas_by_ctx.items()},
         "results": results, "total_s": total_s,
     }  # fmt: skip
+    from jaxspec.hardware import measure_roofline
+
+    add_analytic(report, cfg, measure_roofline(args.dtype))
     md = report_markdown(report, machine_line(report["machine"]))
     print(md)
     if args.json is not None:
@@ -368,6 +377,31 @@ def magicdec_profile_path(model_name: str) -> Path:
 
     dev = device_profile_path(model_name)
     return dev.with_name(dev.name.replace("device__", "magicdec__", 1))
+
+
+def add_analytic(report: dict, cfg, roofline) -> None:
+    """Add the analytic cost model's view (`costmodel.step_time` with the measured roofline,
+    itemsize 4) to a report: per configuration the predicted speedup from FLOPs/bytes alone,
+    and the critical context length per batch (s = 1 and s = γ + 1 of the largest γ)."""
+    from jaxspec import costmodel
+
+    def t(b, n, s):
+        return costmodel.step_time(cfg, roofline, b, n, s, 4)
+
+    for row in report["results"]:
+        if "skipped" in row:
+            continue
+        b, n = row["batch"], row["context"]
+        for c in row["configs"]:
+            a = report["alphas"][str(n)][str(c["budget"])]
+            g, K = c["gamma"], min(c["budget"], n)
+            c["analytic"] = costmodel.speedup_chain(a, g, t(b, n, 1), t(b, K, 1), t(b, n, g + 1))
+    s_max = max(report["gammas"]) + 1
+    report["critical_length"] = {
+        str(b): [costmodel.critical_length(cfg, roofline, b, s, 4) for s in (1, s_max)]
+        for b in report["batches"]
+    }
+    report["roofline"] = roofline.to_dict()
 
 
 def write_profile(path: Path, report: dict, timings_by_ctx: dict, budgets, tokens):
@@ -421,8 +455,10 @@ def report_markdown(r: dict, machine: str) -> str:
     cols = [f"γ={g}" for g in r["gammas"]]
     lines += [
         "",
-        f"Speedup over AR, measured (predicted), budget K = {r['budget']}; chooser's pick "
-        f"(γ, K) with its measured speedup vs the best measured:",
+        "Speedup over AR, measured (predicted from measured forward times"
+        + (" / analytic" if "critical_length" in r else "")
+        + f"), budget K = {r['budget']}; chooser's pick (γ, K) with its measured speedup vs the "
+        "best measured:",
         "",
         "| context | batch | AR tok/s | " + " | ".join(cols) + " | pick | pick / best |",
         "|---|---|---|" + "---|" * len(cols) + "---|---|",
@@ -434,10 +470,22 @@ def report_markdown(r: dict, machine: str) -> str:
         cells = []
         for g in r["gammas"]:
             c = next(c for c in row["configs"] if c["gamma"] == g and c["budget"] == r["budget"])
-            cells.append(f"{c['measured']:.2f}× ({c['predicted']:.2f}×)")
+            analytic = f" / {c['analytic']:.2f}×" if "analytic" in c else ""
+            cells.append(f"{c['measured']:.2f}× ({c['predicted']:.2f}×{analytic})")
         pick = "AR" if row["pick"] is None else f"γ={row['pick'][0]}, K={row['pick'][1]}"
         pick += f": {row['pick_measured']:.2f}×"
         ratio = row["pick_measured"] / max(row["best"][2], 1.0)
         lines.append(f"| {row['context']} | {row['batch']} | {row['ar_tokens_per_s']:.1f} | "
                      + " | ".join(cells) + f" | {pick} | {ratio:.2f} |")  # fmt: skip
+    if "critical_length" in r:
+        rf = r["roofline"]
+        lines += [
+            "",
+            f"Analytic column: `costmodel.step_time` with this machine's measured roofline "
+            f"({rf['flops_per_s'] / 1e9:.0f} GFLOP/s GEMM, {rf['bytes_per_s'] / 1e9:.1f} GB/s "
+            f"AXPY). Critical context (KV time = parameter time per layer), s = 1 / s = "
+            f"{max(r['gammas']) + 1}: "
+            + "; ".join(f"B = {b}: {v[0]:.0f} / {v[1]:.0f}" for b, v in
+                        r["critical_length"].items()) + " tokens.",
+        ]  # fmt: skip
     return "\n".join(lines) + "\n"

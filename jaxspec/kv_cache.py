@@ -46,19 +46,21 @@ def cache_bytes(cfg: ModelConfig, batch: int, slots: int, itemsize: int) -> int:
 
 
 def check_fits(cfg: ModelConfig, batch: int, slots: int, itemsize: int, what: str = "KV cache",
-               available: int | None = None) -> int:  # fmt: skip
-    """Raise `InputError` naming the size needed when a [batch × slots] cache cannot fit in the
-    device's available memory (`hardware.available_memory_bytes`, or `available`); returns the
-    bytes needed. Decoding needs the cache once (it is donated) plus working space, so the
-    check asks for the cache to fit with 10% to spare."""
+               available: int | None = None, copies: float = 1.1) -> int:  # fmt: skip
+    """Raise `InputError` naming the size needed when `copies` × a [batch × slots] cache cannot
+    fit in the device's available memory (`hardware.available_memory_bytes`, or `available`);
+    returns the bytes of one cache. Decoding needs the cache once (it is donated) plus working
+    space: 1.1 copies by default; callers that hold more (a benchmark keeping its prefilled rows
+    and gathering them) pass more."""
     from jaxspec.errors import InputError
     from jaxspec.hardware import available_memory_bytes
 
     need = cache_bytes(cfg, batch, slots, itemsize)
     have = available_memory_bytes() if available is None else available
-    if have is not None and need * 1.1 > have:
+    if have is not None and need * copies > have:
+        extra = f" (× {copies:g} working copies)" if copies > 1.5 else ""
         raise InputError(
-            f"the {what} for batch {batch} × {slots} slots needs {need / 2**30:.2f} GiB "
+            f"the {what} for batch {batch} × {slots} slots needs {need / 2**30:.2f} GiB{extra} "
             f"({cfg.num_layers} layers × {cfg.num_kv_heads} KV heads × {cfg.head_dim} dims × "
             f"{itemsize}-byte K and V), but only {have / 2**30:.2f} GiB is available: use a "
             f"smaller batch, shorter prompts or fewer new tokens"

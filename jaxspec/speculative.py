@@ -198,9 +198,7 @@ def _draft(params_d, spec: SpecConfig, state: SpecState, positions, key):
         if spec.verifier == "greedy":  # children = the draft's top-k; no q is needed (no sort)
             z = logits
         else:
-            z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(
-                logits
-            )
+            z = jax.vmap(lambda x: process_logits(x, state.sampling), in_axes=1, out_axes=1)(logits)
         zq = z if zq is None else jnp.concatenate([zq, z], axis=1)
         kids = _draw_children(spec, z, tree.num_children[nodes], jax.random.fold_in(key, level))
         for j, node in enumerate(nodes):  # static scatter of drawn tokens to child slots

@@ -99,6 +99,20 @@ def ar_tokens_for(lengths, max_new):
     return run(SpecConfig(CFG, CFG, chain(0)), PARAMS, lengths, max_new)[0]
 
 
+def test_sampling_with_a_sparse_self_draft_is_lossless():
+    """T > 0 (SWOR, temperature 0.9, top-p 0.95): the joint of three tokens sampled through a
+    sparse self-draft (budget 4 = 2 sinks + 2 window slots < the 5-token prompt, so q ≠ p)
+    matches the target's exact joint (chi-square, V = 8)."""
+    from tests_helpers_joint import chi_square_ok, exact_joint, sample_counts
+
+    cfg = dataclasses.replace(TINY, vocab_size=8, eos_token_ids=(), num_layers=2)
+    target = init_params(cfg, jax.random.key(0), scale=0.6)
+    md = MagicDec(budget=4, sink=2)
+    counts = sample_counts(target, target, cfg, "swor", chain(1), magicdec=md)
+    ok, chi2, dof = chi_square_ok(counts, exact_joint(target, cfg))
+    assert ok, (chi2, dof)
+
+
 def test_sliding_window_bookkeeping_matches_reference():
     """K/V rows that encode their position; random commit sizes; reference: sink + window."""
     md = MagicDec(budget=12, sink=3)
@@ -254,3 +268,17 @@ def test_gamma_auto_picks_the_best_predicted_chain_per_bucket(tmp_path):
         read_magicdec_profile(bad)
     with pytest.raises(ConfigError, match="bench --long-context"):
         read_magicdec_profile(tmp_path / "missing.toml")
+
+
+def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
+    """Batch × context beyond the device's memory: one error naming the size needed."""
+    from jaxspec.errors import InputError
+    from jaxspec.kv_cache import cache_bytes, check_fits
+
+    need = cache_bytes(CFG, 64, 8192, 4)
+    assert need == 2 * CFG.num_layers * 64 * 8192 * CFG.num_kv_heads * CFG.head_dim * 4
+    assert check_fits(CFG, 64, 8192, 4, available=2 * need) == need
+    with pytest.raises(InputError, match=r"batch 64 × 8192 slots needs \d+\.\d\d GiB"):
+        check_fits(CFG, 64, 8192, 4, available=need)
+    with pytest.raises(InputError, match="working copies"):
+        check_fits(CFG, 64, 8192, 4, available=2 * need, copies=2.2)

@@ -26,10 +26,10 @@ def exact_joint(params, cfg, prompt=PROMPT) -> np.ndarray:
     return p[0][0][:, None, None] * p[1].reshape(V, V, V)[:, 0][:, :, None] * p[2].reshape(V, V, V)
 
 
-def sample_counts(target, draft, cfg, verifier, tree, key=0) -> np.ndarray:
+def sample_counts(target, draft, cfg, verifier, tree, key=0, magicdec=None) -> np.ndarray:
     V = cfg.vocab_size
     prompts = jnp.zeros((N_ROWS, 8), jnp.int32).at[:, : len(PROMPT)].set(jnp.asarray(PROMPT))
-    spec = SpecConfig(cfg, cfg, tree, verifier)
+    spec = SpecConfig(cfg, cfg, tree, verifier, magicdec=magicdec)
     st = spec_generate(target, draft, prompts, jnp.full((N_ROWS,), len(PROMPT)),
                        jax.random.key(key), SamplingParams.make(N_ROWS, TEMP, 0, TOP_P),
                        jnp.full((N_ROWS,), 3), spec=spec, max_new_tokens=4, chunk=8)  # fmt: skip
