@@ -2,9 +2,12 @@
 
 `spec_step(params_t, params_d, state, spec)` (DONATES `state`):
   1. draft   the draft model runs over the whole tree once per level (positions = length + depth,
-             ancestor mask); the children of each level's nodes are drawn from the draft logits at
+             ancestor mask; a chain feeds only the level's node, its ancestors' K/V already in
+             the scratch); the children of each level's nodes are drawn from the draft logits at
              that node (top-k for greedy / point-mass, Gumbel-top-k for SWOR, i.i.d. for RRS);
-             one more pass leaves draft KV for every node in the draft cache's scratch.
+             one more pass leaves draft KV for every node in the draft cache's scratch. MagicDec
+             (`SpecConfig.magicdec`): the draft cache is a compact sink + sliding-window cache
+             (`jaxspec.magicdec`), committed into its ring.
   2. verify  ONE target forward over root + N nodes (committed prefix ⊕ ancestor mask).
   3. accept  a walk down the tree (a static loop over depth, vectorised over rows): at the
              current node the verification rule (`jaxspec.verify.rules`) gives the exact

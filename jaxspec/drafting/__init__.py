@@ -2,8 +2,9 @@
 
 A model drafter is any jaxspec model sharing the target's tokenizer: a separate small checkpoint,
 or a layer-skip self-draft built from the target (`layer_skip`). It runs the same pure `forward`
-over the whole tree once per level (tokens not drawn yet are ignored through the ancestor mask),
-plus once more so every node has draft KV, which the step commits like the target's.
+over the whole tree once per level (tokens not drawn yet are ignored through the ancestor mask;
+a chain feeds one new token per level), plus once more so every node has draft KV, which the
+step commits like the target's.
 
 The n-gram drafter (SSSD, `ngram`) needs no model: it builds each row's candidate tree on device
 from matches in the row's own history and an optional token datastore (`datastore`).
