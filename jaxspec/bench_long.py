@@ -95,11 +95,11 @@ def _median_time(fn, *args, reps: int) -> float:
 class LongBench:
     """One model, one context length: the prefilled base rows and the runs gathered from them."""
 
-    def __init__(self, model, args, n: int, rows: list[list[int]], slots: int):
+    def __init__(self, model, n: int, rows: list[list[int]], slots: int):
         from jaxspec.prefill import prefill_cache
         from jaxspec.runner import prompt_bucket
 
-        self.model, self.args, self.n = model, args, n
+        self.model, self.n = model, n
         self.P = prompt_bucket(n)
         D = len(rows)
         arr = np.zeros((D, self.P), np.int32)
@@ -165,7 +165,7 @@ class LongBench:
 
     def timings(self, B: int, tokens: list[int], budgets: list[int], reps: int) -> dict:
         """t(B, n, s) for s in `tokens` and t(B, K, 1) for K in `budgets` (seconds)."""
-        from jaxspec.kv_cache import KVCache
+        from jaxspec.kv_cache import KVCache, init_cache
         from jaxspec.model import forward
 
         cfg = self.model.cfg
@@ -187,10 +187,8 @@ class LongBench:
                                           jnp.ones((B, s), jnp.int32), reps=reps)  # fmt: skip
         del cache
         for K in budgets:
-            small = KVCache(k=jnp.zeros(self.cache.k.shape[:1] + (B,) + self.cache.k.shape[2:3]
-                                        + (K + 1,) + self.cache.k.shape[4:], self.cache.k.dtype),
-                            v=None, lengths=jnp.full((B,), K, jnp.int32))  # fmt: skip
-            small = small.replace(v=jnp.zeros_like(small.k))
+            small = init_cache(cfg, B, K + 1, self.cache.k.dtype)  # a draft step's K-slot cache
+            small = small.replace(lengths=jnp.full((B,), K, jnp.int32))
             t[(K, 1)] = _median_time(fwd, self.model.params, small, jnp.ones((B, 1), jnp.int32),
                                      reps=reps)  # fmt: skip
         return t
@@ -274,7 +272,7 @@ def cmd_bench_long(args) -> int:
         D = min(args.distinct_rows, max(batches))
         slots = prompt_bucket(n) + out_len + n1
         rows = book_windows(args.prompts_file, model.tokenizer, n, D, args.skip)
-        bench = LongBench(model, args, n, rows, slots)
+        bench = LongBench(model, n, rows, slots)
         log(f"context {n}: prefilled {D} windows in {bench.prefill_s:.1f} s "
             f"(compile {bench.compile_s:.1f} s)")  # fmt: skip
         ar_ref = bench.run(spec_of(0, 0), D, out_len)
