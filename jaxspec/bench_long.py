@@ -260,6 +260,18 @@ def cmd_bench_long(args) -> int:
     results, alphas_by_ctx, timings_by_ctx = [], {}, {}
     t_all = time.perf_counter()
 
+    def check(r: dict, ref: dict, where: str) -> None:
+        """Record the fraction of rows whose tokens equal AR's; raise on a difference unless
+        --on-mismatch report."""
+        same = [a == b for a, b in zip(r["tokens"], ref["tokens"], strict=True)]
+        r["rows_identical"] = sum(same) / len(same)
+        if all(same):
+            return
+        if args.on_mismatch == "raise":
+            raise RuntimeError(f"MagicDec output differs from AR {where} (--on-mismatch report "
+                               "records it and goes on)")  # fmt: skip
+        log(f"{where}: {sum(same)}/{len(same)} rows identical to AR")
+
     def spec_of(g, K):
         if g == 0:
             return SpecConfig(cfg, cfg, chain(0))
@@ -279,8 +291,7 @@ def cmd_bench_long(args) -> int:
         alphas = {}
         for K in budgets:
             r = bench.run(spec_of(ref_gamma, K), D, out_len)
-            if r["tokens"] != ar_ref["tokens"]:
-                raise RuntimeError(f"MagicDec output differs from AR at context {n}, budget {K}")
+            check(r, ar_ref, f"at context {n}, budget {K}")
             alphas[K] = r["alpha"]
             log(f"context {n}: budget {K}: alpha {r['alpha']:.3f}, tau {r['tau']:.2f} "
                 f"(γ = {ref_gamma})")  # fmt: skip
@@ -318,13 +329,12 @@ def cmd_bench_long(args) -> int:
                     t[(n, g + 1)],
                 )
                 r = bench.run(spec_of(g, K), B, out_len)
-                if r["tokens"] != ar["tokens"]:
-                    raise RuntimeError(f"MagicDec output differs from AR at context {n}, batch "
-                                       f"{B}, γ = {g}, budget {K}")  # fmt: skip
+                check(r, ar, f"at context {n}, batch {B}, γ = {g}, budget {K}")
                 sp = r["tokens_per_s"] / ar["tokens_per_s"]
                 row["configs"].append({"gamma": g, "budget": K, "measured": sp, "predicted": pred,
                                        "tau": r["tau"], "alpha": r["alpha"],
                                        "tokens_per_s": r["tokens_per_s"],
+                                       "rows_identical": r["rows_identical"],
                                        "compile_s": r["compile_s"]})  # fmt: skip
                 log(f"context {n}, batch {B}: γ={g} K={K}: {sp:.2f}× measured, {pred:.2f}× "
                     f"predicted, tau {r['tau']:.2f}")  # fmt: skip
@@ -423,6 +433,17 @@ def write_profile(path: Path, report: dict, timings_by_ctx: dict, budgets, token
                             "target forward seconds target_s[batch][context][tokens]"])  # fmt: skip
 
 
+def _identity_line(r: dict) -> str:
+    worst = min(
+        (c.get("rows_identical", 1.0) for row in r["results"] for c in row.get("configs", [])),
+        default=1.0,
+    )
+    if worst == 1.0:
+        return "every configuration's output equals AR's, row for row (checked)"
+    return (f"outputs checked against AR row for row: in the worst configuration "
+            f"{worst:.0%} of the rows are identical (--on-mismatch report)")  # fmt: skip
+
+
 def report_markdown(r: dict, machine: str) -> str:
     lines = [
         "## MagicDec: speedup vs batch size and context (`jaxspec bench --long-context`)",
@@ -440,7 +461,7 @@ def report_markdown(r: dict, machine: str) -> str:
         f"{r['distinct_rows']} distinct per context (larger batches repeat them); "
         f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run; predicted = "
         f"Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from the measured forward times; "
-        f"compile time excluded; every configuration's output equals AR's, row for row (checked); "
+        f"compile time excluded; {_identity_line(r)}; "
         f"total run {r['total_s'] / 60:.1f} min",
         "",
         "Acceptance α (per token, greedy) vs draft budget K:",

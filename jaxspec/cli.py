@@ -228,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--skip", type=int, default=2000, help="tokens skipped at each book's start")
     lc.add_argument("--reps", type=int, default=3, help="timing repetitions per forward")
     lc.add_argument(
+        "--on-mismatch",
+        choices=("raise", "report"),
+        default="raise",
+        help="a configuration whose tokens differ from AR's: stop (default), or record the "
+        "fraction of identical rows and go on (e.g. bf16, or GPU matmuls whose summation order "
+        "depends on the token count)",
+    )
+    lc.add_argument(
         "--profile-out",
         type=Path,
         metavar="FILE",

@@ -76,8 +76,20 @@ class Runner:
     batch then runs the configuration of its bucket (None: autoregressive), one compile per
     bucket; context = padded prompt length + output buffer."""
 
-    def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None):
+    def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None, mesh=None):
+        """`mesh` (`jaxspec.sharding.make_mesh`): params sharded by the rules, each batch's rows
+        over `data` (the batch is padded to a multiple of it); None: one device."""
+        self.mesh = mesh
+        if mesh is not None:
+            from jaxspec import sharding
+            from jaxspec.model.params import Params as _Params
+
+            params = sharding.shard_params(params, cfg, mesh)
+            if isinstance(draft_params, _Params):  # a draft model (not an n-gram datastore)
+                draft = spec.draft if spec is not None and not callable(spec) else cfg
+                draft_params = sharding.shard_params(draft_params, draft, mesh)
         self.params, self.cfg, self.spec, self.draft_params = params, cfg, spec, draft_params
+        self.last_rows: list[dict] = []  # per prompt of the last run: tokens, steps, accepted
         self._compiled: dict[tuple, tuple] = {}
         self._profiled: dict[tuple, tuple] = {}  # bucket → compiled (draft, verify) phases
 
@@ -104,7 +116,12 @@ class Runner:
             lead, tail = (self.params, self.draft_params), (spec,)
         static.update(max_new_tokens=out_len, chunk=chunk)
         pre = fn.lower(*lead, *args, **static).compile()
-        state_shape = jax.eval_shape(lambda *a: fn(*a, **static), *lead, *args)
+        shapes = jax.eval_shape(lambda *a: fn(*a, **static), *lead, *args)
+        # the decode is compiled for the layout the prefill returns (sharded or not)
+        state_shape = jax.tree_util.tree_map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            shapes, pre.output_shardings,
+        )  # fmt: skip
         if spec is None:  # decode(params, cfg, state)
             dec = dec.lower(*lead, *tail, state_shape).compile()
         else:  # spec_decode(params_t, params_d, state, spec)
@@ -149,10 +166,14 @@ class Runner:
         out_len = -(-opts.max_new_tokens // 32) * 32
         key = jax.random.key(opts.seed)
         n_batches, live_steps, accepted, drafted, hist, ranks = 0, 0, 0, 0, None, None
+        self.last_rows = []
         ar_decode_s = 0.0
         for start in range(0, len(prompts), opts.batch_size):
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
+            if self.mesh is not None:  # rows split evenly over the data axis
+                data = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
+                B = -(-B // data.get("data", 1)) * data.get("data", 1)
             P = prompt_bucket(max(map(len, batch)))
             chunk = min(opts.chunk, P & -P)  # P & -P: largest power of two dividing P
             if self.cfg.prefill is not None:  # CritiPrefill: whole segments, chunk = segment
@@ -166,6 +187,12 @@ class Runner:
             sp = SamplingParams.make(B, opts.temperature, opts.top_k, opts.top_p)
             max_new = jnp.full((B,), opts.max_new_tokens, jnp.int32)
             args = (jnp.asarray(arr), jnp.asarray(lens), sub, sp, max_new)
+            if self.mesh is not None:
+                from jaxspec import sharding
+
+                rows = sharding.NamedSharding(self.mesh, sharding.logical_to_pspec(("batch",)))
+                rep = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
+                args = sharding.put(args, (rows, rows, rep, rows, rows))
             spec = self.spec_for(B, P + out_len)
             (pre, dec, lead), compile_s = self._executables(B, P, out_len, chunk, args, spec)
             m.compile_s += compile_s
@@ -178,9 +205,15 @@ class Runner:
             t2 = time.perf_counter()
             m.prefill_s += t1 - t0
             m.decode_s += t2 - t1
-            toks, n_out = np.asarray(state.tokens), np.asarray(state.n_out)
+            from jaxspec.sharding import gather
+
+            toks, n_out, rl, ra = gather((state.tokens, state.n_out, state.live_steps,
+                                          state.accepted))  # fmt: skip
             n = len(batch)
             outputs += [toks[i, : n_out[i]].tolist() for i in range(n)]
+            self.last_rows += [{"new_tokens": int(n_out[i]), "steps": int(rl[i]),
+                                "accepted": int(ra[i]), "batch_size": B,
+                                "batch_decode_s": t2 - t1} for i in range(n)]  # fmt: skip
             m.target_steps += int(state.steps)
             m.new_tokens += int(n_out[:n].sum())
             if spec is not None:

@@ -15,7 +15,9 @@ the T tokens are flattened into R = T * G query rows (row t * G + g), padded to 
 Attention is computed as a *prefix part* (cache slots, read once for all R rows, split over the
 sequence into `num_splits` partial results per (row, KV head)) and an *in-flight part* (the T new
 keys under the ancestor mask, taken by split 0), the partials merged exactly by log-sum-exp.
-Scores, softmax statistics and accumulators are float32. Masked keys contribute exactly nothing:
+Scores, softmax statistics and accumulators are float32; inside the kernels scores are taken in
+base-2 units (s·log2 e, so the softmax needs only `exp2`, the GPU's ex2 instruction) and the
+partials' running maxima m are in those units too. Masked keys contribute exactly nothing:
 their scores are replaced (not added to) and their values zeroed, so NaN or garbage in masked or
 padded K/V never leaks.
 """
@@ -32,6 +34,7 @@ from jaxtyping import Array, Bool, Float, Int
 Impl = Literal["auto", "pallas", "reference"]
 IMPLS = ("auto", "pallas", "reference")
 NEG_INF = -1e30  # finite: exp(NEG_INF - m) underflows to 0 without inf - inf = NaN
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * LOG2E)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,13 +43,16 @@ class BlockSizes:
     `block_q`: query rows per program (a power of two >= 16; fewer rows than that are padded up to
     a power of two and handled by one program); `num_splits`: partial results per (row, KV head)
     along the sequence (None: enough programs to fill the device, flash-decoding style);
-    `num_warps`/`num_stages`: GPU launch parameters."""
+    `num_warps`/`num_stages`: GPU launch parameters; `fast_exp`: exp2 by the GPU's approximate
+    `ex2.approx.ftz.f32` instruction (relative error ~2^-22), else libdevice's exp2f (interpret
+    mode always uses jnp.exp2)."""
 
     block_kv: int = 64
     block_q: int = 64
     num_splits: int | None = None
     num_warps: int = 4
     num_stages: int = 3  # defaults: the best of a sweep on an H100 (BENCHMARKS.md)
+    fast_exp: bool = True
 
     def __post_init__(self):
         if self.block_kv < 16 or self.block_kv & (self.block_kv - 1):
@@ -178,13 +184,13 @@ def init_carry(rows: int, E: int):
     )
 
 
-def block_update(q, k, v, valid, carry, dot):
-    """One online-softmax step over a block of keys. q [R, E] (pre-scaled), k/v [BK, E],
-    valid bool[BK] or [R, BK], or None for a block known to be all visible (no masking work);
-    carry = (running max m [R], sum l [R], accumulator acc [R, E]).
-    `dot(a, b, trans_b)` is the backend's matmul with float32 accumulation."""
+def block_update(q, k, v, valid, carry, dot, exp2):
+    """One online-softmax step over a block of keys. q [R, E] (pre-scaled by E**-0.5), k/v
+    [BK, E], valid bool[BK] or [R, BK], or None for a block known to be all visible (no masking
+    work); carry = (running max m [R] in base-2 units, sum l [R], accumulator acc [R, E]).
+    `dot(a, b, trans_b)` is the backend's matmul with float32 accumulation, `exp2` its 2**x."""
     m, den, acc = carry
-    s = dot(q, k, True)
+    s = dot(q, k, True) * LOG2E
     if valid is not None:
         if valid.ndim == 1:
             valid_s, valid_v = valid[None, :], valid[:, None]
@@ -193,8 +199,8 @@ def block_update(q, k, v, valid, carry, dot):
         s = jnp.where(valid_s, s, NEG_INF)
         v = jnp.where(valid_v, v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
+    alpha = exp2(m - m_new)
+    p = exp2(s - m_new[:, None])
     if valid is not None:
         p = jnp.where(valid_s, p, 0.0)
     den = den * alpha + jnp.sum(p, axis=1)
@@ -211,13 +217,13 @@ def merge(
     acc_p: Float[Array, "B K P Rp E"],
     R: int,
 ) -> Float[Array, "B K R E"]:
-    """Exact log-sum-exp merge of the per-split partials (first R rows); rows that saw no key
-    at all come out as zeros."""
+    """Exact log-sum-exp merge of the per-split partials (first R rows; m in base-2 units); rows
+    that saw no key at all come out as zeros."""
     m_p, l_p, acc_p = m_p[..., :R], l_p[..., :R], acc_p[..., :R, :]
     if m_p.shape[2] == 1:
         den, acc = l_p[:, :, 0], acc_p[:, :, 0]
     else:
-        w = jnp.exp(m_p - jnp.max(m_p, axis=2, keepdims=True))
+        w = jnp.exp2(m_p - jnp.max(m_p, axis=2, keepdims=True))
         den = jnp.sum(l_p * w, axis=2)
         acc = jnp.sum(acc_p * w[..., None], axis=2)
     return acc / jnp.where(den == 0, 1.0, den)[..., None]

@@ -134,3 +134,50 @@ def test_bench_bad_prompts_file(tmp_path, capsys):
     assert code == 2 and f"{f}: no prompts" in err
     code, _, err = run_cli(capsys, "bench", "--prompts-file", str(tmp_path / "nope.jsonl"))
     assert code == 2 and "nope.jsonl" in err
+
+
+def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
+    """`bench --long-context` end to end at a tiny size: acceptance per budget, every batch's
+    configurations checked against AR (identical rows recorded), the chooser's pick among the
+    measured configurations, the markdown section and the profile `--gamma auto` reads."""
+    from jaxspec.magicdec_auto import read_magicdec_profile
+
+    words = "the river ran past the mill and the miller sang of bread and rain ".split()
+    books = tmp_path / "books.jsonl"
+    books.write_text("".join(json.dumps({"text": " ".join(words * (40 + 7 * i))}) + "\n"
+                             for i in range(2)))  # fmt: skip
+    md = tmp_path / "B.md"
+    md.write_text("intro\n")
+    out_json, prof = tmp_path / "long.json", tmp_path / "prof.toml"
+    code, out, err = run_cli(
+        capsys, "bench", "--long-context", "--prompts-file", str(books), "--batch-sizes", "1,2",
+        "--context-lengths", "200", "--gammas", "2", "--budgets", "48,96", "--draft-budget", "48",
+        "--sink", "16", "--max-new-tokens", "6", "--distinct-rows", "2", "--skip", "10",
+        "--reps", "1", "--json", str(out_json), "--profile-out", str(prof), "--out-md", str(md),
+    )  # fmt: skip
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert set(r["alphas"]["200"]) == {"48", "96"}
+    assert [row["batch"] for row in r["results"]] == [1, 2]
+    for row in r["results"]:
+        assert row["ar_tokens_per_s"] > 0
+        assert {(c["gamma"], c["budget"]) for c in row["configs"]} >= {(2, 48)}
+        for c in row["configs"]:
+            assert c["rows_identical"] == 1.0 and c["measured"] > 0 and c["predicted"] > 0
+        if row["pick"] is not None:
+            assert tuple(row["pick"]) in {(c["gamma"], c["budget"]) for c in row["configs"]}
+    text = md.read_text()
+    assert text.startswith("intro") and "<!-- bench-long:start -->" in text
+    assert "every configuration's output equals AR's" in text
+    body = read_magicdec_profile(prof)
+    assert body["batches"] == [1, 2] and body["budgets"] == [48, 96]
+
+
+def test_bench_long_context_bad_input(tmp_path, capsys):
+    books = tmp_path / "books.jsonl"
+    books.write_text(json.dumps({"text": "too short"}) + "\n")
+    code, _, err = run_cli(capsys, "bench", "--long-context")
+    assert code == 2 and "--long-context needs --prompts-file" in err
+    code, _, err = run_cli(capsys, "bench", "--long-context", "--prompts-file", str(books),
+                           "--temperature", "0.7")  # fmt: skip
+    assert code == 2 and "greedy" in err

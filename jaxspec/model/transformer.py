@@ -51,7 +51,9 @@ def forward_hidden(
     inv_freq = rope_inv_freq(cfg)
     rows = jnp.arange(B)[:, None]
     slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    h = params.embed[tokens]
+    from jaxspec.sharding import CACHE_AXES, constrain  # (imports the model package itself)
+
+    h = constrain(params.embed[tokens], ("batch", None, "embed"))
     cp = cfg.prefill if sparse_prefill is not None else None
     state = None
     if cp is not None:
@@ -87,6 +89,7 @@ def forward_hidden(
     # past S are dropped). Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
     k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
     v_all = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
+    k_all, v_all = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     if queries:
         return h, cache.replace(k=k_all, v=v_all), q_all
@@ -99,7 +102,9 @@ def lm_head(params: Params, h: Float[Array, "B T M"]) -> Float[Array, "B T V"]:
         logits = jnp.einsum("btm,vm->btv", h, params.embed)
     else:
         logits = jnp.einsum("btm,mv->btv", h, params.lm_head)
-    return logits.astype(jnp.float32)
+    from jaxspec.sharding import constrain
+
+    return constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
 
 
 def forward(

@@ -3,8 +3,9 @@
 Grid (B, K, P, Rp // bq): program (b, k, p, r) holds bq query rows (row t*G + g: query head g of
 KV head k for in-flight token t; Rp = the T*G rows padded to a multiple of bq) and walks the
 cache blocks p, p+P, p+2P, ... below lengths[b] (`block_kv` slots per step, slots past the length
-or the cache masked), keeping the online-softmax statistics in registers; split p = 0 then takes
-the in-flight (tree) keys under the ancestor mask. It writes one partial (m [bq], l [bq],
+or the cache masked), keeping the online-softmax statistics in registers (scores in base-2 units,
+`exp2` by the ex2 instruction: `common.block_update`); split p = 0 then takes the in-flight
+(tree) keys under the ancestor mask. It writes one partial (m [bq], l [bq],
 acc [bq, E], float32) per split; the api merges the P partials by log-sum-exp. A row's prefix KV
 is thus read once for all tree nodes and all G query heads of its KV head.
 
@@ -40,6 +41,25 @@ def make_dot(dtype):
     return dot
 
 
+def make_exp2(fast: bool, interpret: bool):
+    """2**x in float32: the `ex2.approx.ftz.f32` instruction (one MUFU op; libdevice's exp2f adds
+    denormal handling around it), libdevice's exp2f, or jnp.exp2 in interpret mode."""
+    if interpret or not fast:
+        return jnp.exp2
+
+    def exp2(x):
+        (y,) = plt.elementwise_inline_asm(
+            "ex2.approx.ftz.f32 $0, $1;",
+            args=[x],
+            constraints="=r,r",
+            pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+        )
+        return y
+
+    return exp2
+
+
 def load_block(ref, start, block: int, num_slots: int):
     """Slots [start, start + block) of a [S, E] ref; slots past S read as zeros."""
     in_bounds = (start + jnp.arange(block, dtype=jnp.int32)) < num_slots
@@ -59,7 +79,7 @@ def contiguous_walk(walk_refs, step, length, p, P, BK, carry):
     return jax.lax.fori_loop(0, tail.astype(jnp.int32), last, carry)
 
 
-def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
+def _kernel(*refs, walk, n_walk: int, BK: int, S: int, exp2):
     len_ref, walk_refs = refs[0], refs[1 : 1 + n_walk]
     q_ref, k_ref, v_ref, kn_ref, vn_ref, mask_ref, m_ref, l_ref, acc_ref = refs[1 + n_walk :]
     b, p = pl.program_id(0), pl.program_id(2)
@@ -72,24 +92,25 @@ def _kernel(*refs, walk, n_walk: int, BK: int, S: int):
         """One block of keys at `start`; listed=None: a block wholly below the length."""
         if listed is None and S >= BK:  # (S < BK: no full block exists, the loop never runs)
             k, v = k_ref[pl.ds(start, BK), :], v_ref[pl.ds(start, BK), :]  # [BK, E]
-            return block_update(q, k, v, None, carry, dot)
+            return block_update(q, k, v, None, carry, dot, exp2)
         listed = True if listed is None else listed
         k = load_block(k_ref, start, BK, S)
         v = load_block(v_ref, start, BK, S)
         valid = ((start + jnp.arange(BK, dtype=jnp.int32)) < length) & listed
-        return block_update(q, k, v, valid, carry, dot)
+        return block_update(q, k, v, valid, carry, dot, exp2)
 
     carry = walk(walk_refs, step, length, p, P, BK, init_carry(q.shape[0], q.shape[1]))
-    # The in-flight (tree) keys, once per row (split 0), in blocks of TK (bounded on-chip memory
-    # for long prefill chunks).
+    # The in-flight (tree) keys, once per row (split 0 only), in blocks of TK (bounded on-chip
+    # memory for long prefill chunks).
     TK = min(BK, kn_ref.shape[0])
 
     def tree_step(j, carry):
         cols = pl.ds(pl.multiple_of(j * TK, TK), TK)
-        mask = (mask_ref[:, cols] != 0) & (p == 0)  # [bq, TK]
-        return block_update(q, kn_ref[cols, :], vn_ref[cols, :], mask, carry, dot)
+        mask = mask_ref[:, cols] != 0  # [bq, TK]
+        return block_update(q, kn_ref[cols, :], vn_ref[cols, :], mask, carry, dot, exp2)
 
-    m, den, acc = jax.lax.fori_loop(0, kn_ref.shape[0] // TK, tree_step, carry)
+    n_tree = (p == 0).astype(jnp.int32) * (kn_ref.shape[0] // TK)
+    m, den, acc = jax.lax.fori_loop(0, n_tree, tree_step, carry)
     m_ref[...], l_ref[...], acc_ref[...] = m, den, acc
 
 
@@ -118,7 +139,10 @@ def partials(
     if E < 16 or E & (E - 1):
         raise NotImplementedError(f"{name} kernel: head dim {E} is not a power of two >= 16")
     f32 = jnp.float32
-    kernel = functools.partial(_kernel, walk=walk, n_walk=len(walk_inputs), BK=block_kv, S=S)
+    exp2 = make_exp2(block_sizes.fast_exp, interpret)
+    kernel = functools.partial(
+        _kernel, walk=walk, n_walk=len(walk_inputs), BK=block_kv, S=S, exp2=exp2
+    )
     bh = lambda b, k, p, r: (b, k, 0, 0)  # noqa: E731
     rows = lambda b, k, p, r: (b, k, r, 0)  # noqa: E731
     one_mask = mask.shape[0] == 1
