@@ -120,7 +120,7 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules=RULES) -> Params:
 def put(tree, shardings):
     """`jax.device_put` that also works across processes (`jax.distributed`): there every process
     holds the same full host value and builds its own devices' shards from it. `shardings`: one
-    sharding for every leaf, or a pytree of them matching `tree`."""
+    sharding for every leaf, or a pytree of them that is a prefix of `tree`'s."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
 
@@ -132,9 +132,11 @@ def put(tree, shardings):
         host = np.asarray(x)
         return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
 
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree_util.tree_map(lambda x: one(x, shardings), tree)
-    return jax.tree_util.tree_map(one, tree, shardings)
+    def subtree(s, sub):
+        return jax.tree_util.tree_map(lambda x: one(x, s), sub)
+
+    is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)  # noqa: E731
+    return jax.tree_util.tree_map(subtree, shardings, tree, is_leaf=is_sharding)
 
 
 def gather(tree):

@@ -38,8 +38,8 @@ def main() -> None:
     spec = SpecConfig(CFG, CFG, kary(2, 2), "greedy")
     prompts, lengths, max_new = inputs()
     rows = sharding.NamedSharding(mesh, sharding.logical_to_pspec(("batch",)))
-    prompts, lengths, max_new, sampling = sharding.put(
-        (prompts, lengths, max_new, SamplingParams.make(B)), rows
+    prompts, lengths, max_new, sampling = sharding.put(  # a prefix of shardings: one per input
+        (prompts, lengths, max_new, SamplingParams.make(B)), (rows, rows, rows, rows)
     )
     key = sharding.put(jax.random.key(0), sharding.NamedSharding(mesh, sharding.PartitionSpec()))
     st = spec_generate(sharding.shard_params(params, CFG, mesh),

@@ -3,7 +3,7 @@ count must be set before JAX starts, so it cannot share the test process).
 
 Greedy decoding of a tiny random model: AR, a k-ary token tree with a separate random draft, and
 SSSD n-gram drafting, unsharded and on the meshes (data, model) = (8,1), (4,2), (2,4), (1,8)
-and (data, model, seq) = (2, 1, 4);
+(and, for the tree, (data, model, seq) = (2, 1, 4));
 then the clear errors. Prints one JSON object: per method and mesh the tokens and on how many
 devices the KV cache lived.
 """
@@ -51,10 +51,13 @@ def run(spec, params, draft, mesh=None):
 
 
 def run_stepwise(spec, params, draft, mesh):
-    """Prefill, then the state placed by shard_state, then the jitted decode (donating it)."""
+    """Prefill, then the state placed by shard_state, then the jitted decode (donating it); the
+    target sharded by the rules, the draft replicated on every device (a different placement)."""
     prompts, lengths, max_new = inputs()
     params = sharding.shard_params(params, CFG, mesh)
-    draft = sharding.shard_params(draft, spec.draft, mesh)
+    draft = sharding.put(draft, sharding.NamedSharding(mesh, sharding.PartitionSpec()))
+    assert draft.embed.sharding.is_fully_replicated
+    assert not params.embed.sharding.is_fully_replicated
     st = spec_prefill_jit(params, draft, prompts, lengths, jax.random.key(0),
                           SamplingParams.make(B), max_new, spec=spec, max_new_tokens=OUT,
                           chunk=8)  # fmt: skip
@@ -106,7 +109,8 @@ def main() -> None:
         d = None if name == "ar" else (None if name == "sssd" else draft)
         base = outputs(run(spec, params, d))
         res = {"unsharded": base}
-        for shape in (*MESHES, (2, 1, 4)):  # (2, 1, 4): the KV cache's slots over `seq`
+        seq = ((2, 1, 4),) if name == "tree" else ()  # the KV cache's slots over `seq`
+        for shape in (*MESHES, *seq):
             mesh = sharding.make_mesh(*shape)
             st = run(spec, params, d, mesh)
             tag = "x".join(map(str, shape))
