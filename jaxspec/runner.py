@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import sharding
 from jaxspec.config import ModelConfig
 from jaxspec.errors import InputError
 from jaxspec.generate import decode, prefill_jit
@@ -81,11 +82,8 @@ class Runner:
         over `data` (the batch is padded to a multiple of it); None: one device."""
         self.mesh = mesh
         if mesh is not None:
-            from jaxspec import sharding
-            from jaxspec.model.params import Params as _Params
-
             params = sharding.shard_params(params, cfg, mesh)
-            if isinstance(draft_params, _Params):  # a draft model (not an n-gram datastore)
+            if isinstance(draft_params, Params):  # a draft model (not an n-gram datastore)
                 draft = spec.draft if spec is not None and not callable(spec) else cfg
                 draft_params = sharding.shard_params(draft_params, draft, mesh)
         self.params, self.cfg, self.spec, self.draft_params = params, cfg, spec, draft_params
@@ -172,8 +170,8 @@ class Runner:
             batch = prompts[start : start + opts.batch_size]
             B = min(next_pow2(len(batch)), next_pow2(opts.batch_size))
             if self.mesh is not None:  # rows split evenly over the data axis
-                data = dict(zip(self.mesh.axis_names, self.mesh.devices.shape, strict=True))
-                B = -(-B // data.get("data", 1)) * data.get("data", 1)
+                data = self.mesh.shape.get("data", 1)
+                B = -(-B // data) * data
             P = prompt_bucket(max(map(len, batch)))
             chunk = min(opts.chunk, P & -P)  # P & -P: largest power of two dividing P
             if self.cfg.prefill is not None:  # CritiPrefill: whole segments, chunk = segment
@@ -188,8 +186,6 @@ class Runner:
             max_new = jnp.full((B,), opts.max_new_tokens, jnp.int32)
             args = (jnp.asarray(arr), jnp.asarray(lens), sub, sp, max_new)
             if self.mesh is not None:
-                from jaxspec import sharding
-
                 rows = sharding.NamedSharding(self.mesh, sharding.logical_to_pspec(("batch",)))
                 rep = sharding.NamedSharding(self.mesh, sharding.PartitionSpec())
                 args = sharding.put(args, (rows, rows, rep, rows, rows))
@@ -205,9 +201,7 @@ class Runner:
             t2 = time.perf_counter()
             m.prefill_s += t1 - t0
             m.decode_s += t2 - t1
-            from jaxspec.sharding import gather
-
-            toks, n_out, rl, ra = gather((state.tokens, state.n_out, state.live_steps,
+            toks, n_out, rl, ra = sharding.gather((state.tokens, state.n_out, state.live_steps,
                                           state.accepted))  # fmt: skip
             n = len(batch)
             outputs += [toks[i, : n_out[i]].tolist() for i in range(n)]

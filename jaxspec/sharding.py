@@ -86,7 +86,7 @@ def constrain(x, names, rules=RULES):
 
 def check_divisible(cfg: ModelConfig, mesh: Mesh, batch: int | None = None) -> None:
     """Every sharded dimension must be a multiple of its mesh axis: one error naming both."""
-    size = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    size = mesh.shape
     dims = {
         "model": [("query heads", cfg.num_heads), ("KV heads", cfg.num_kv_heads),
                   ("MLP width", cfg.intermediate_size), ("vocabulary", cfg.vocab_size)],
@@ -177,7 +177,7 @@ def state_shardings(state, batch: int, mesh: Mesh, rules=RULES):
 
 
 def _check_leaf(path, x, sharding: NamedSharding) -> None:
-    size = dict(zip(sharding.mesh.axis_names, sharding.mesh.devices.shape, strict=True))
+    size = sharding.mesh.shape
     for dim, (d, axis) in enumerate(zip(np.shape(x), sharding.spec, strict=False)):
         n = size.get(axis, 1) if axis is not None else 1
         if d % n:

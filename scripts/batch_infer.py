@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     if args.method == "sssd":
         check_sssd_args(args)
     mesh = make_mesh(args.mesh)
-    shape = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    shape = dict(mesh.shape)
     print(f"{len(requests)} requests, {len(requests) - len(todo)} already done; mesh {shape}",
           file=sys.stderr)  # fmt: skip
     if not todo:
