@@ -22,6 +22,9 @@
   jaxspec profile topology --acceptance FILE --device FILE [--max-depth D] [--max-width W]
                            [--out FILE]
   jaxspec train-draft [--model NAME|DIR] [--out DIR] [--work-dir DIR] [--steps N] ...
+  jaxspec serve [--model NAME|DIR] [--method sssd|ar|chain|tree] [--max-batch B]
+                [--max-context C] [--max-queue Q] [--host H] [--port P] ...
+                (an OpenAI-compatible HTTP server; `jaxspec serve --help`)
 
 User errors print one line (`error: ...`) and exit with status 2; `--debug` shows the traceback.
 """
@@ -324,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     from jaxspec.distill.command import add_parser as add_train_draft
 
     add_train_draft(sub, lambda p: _add_common(p, argparse.SUPPRESS))
+    from jaxspec.serving.launch import add_args as add_serve_args
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    add_serve_args(sv, DEFAULT_MODEL)
+    _add_common(sv, argparse.SUPPRESS)
     return parser
 
 
@@ -813,12 +821,18 @@ def cmd_train_draft(args) -> int:
     return run(args)
 
 
+def cmd_serve(args) -> int:
+    from jaxspec.serving.launch import cmd_serve as serve
+
+    return serve(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by `bench`
     commands = {"generate": cmd_generate, "bench": cmd_bench, "convert": cmd_convert,
                 "datastore": cmd_datastore, "profile": cmd_profile,
-                "train-draft": cmd_train_draft}  # fmt: skip
+                "train-draft": cmd_train_draft, "serve": cmd_serve}  # fmt: skip
     try:
         return commands[args.command](args)
     except JaxspecError as e:

@@ -1,0 +1,514 @@
+"""Continuous-batching engine: fixed slots in one static-shape decode state, speculative steps.
+
+Conventions:
+  * slots     the decode state (`SpecState`) has B = `max_batch` rows for the engine's lifetime;
+              each row is a slot. A free slot is a row with `done = True`: the step computes it
+              (static shapes) but never advances or emits it.
+  * context   each slot holds up to C = `max_context` tokens (prompt + generated); the caches
+              have C + N_max slots (N_max: the largest tree of any bucket), the output buffer C.
+  * admit     between two steps, up to `admit_per_step` queued requests are prefilled one at a
+              time (prompt padded to its power-of-two bucket, one compile per bucket) straight
+              into a free row (`_admit`, which donates the state). The first token is sampled
+              with the request's own seed.
+  * step      one jitted speculative step (`jaxspec.speculative._spec_step`) per batch bucket
+              b = next power of two >= active slots: `spec_for(b)` gives the SpecConfig (None:
+              autoregressive), so speculation follows the batch size (SSSD's s(b)); one compile
+              per bucket. The step returns, beside the state, each row's tokens emitted by it
+              ([B, D+1], -1 padded), so the host reads a few hundred bytes per step, not the state.
+  * stop      EOS and max_tokens end a row inside the step; stop token ids, cancellation (a
+              client that went away, a stop string found by the server) end it on the host,
+              which frees the slot at once (`_release`).
+Every request's tokens are those `jaxspec generate` gives it alone: rows never interact, and
+speculation is lossless (greedy: token-identical; sampling: the target distribution).
+
+Threading: `Engine.start()` runs the loop in a daemon thread; `submit`/`cancel`/`stop` are
+thread-safe. Request callbacks (`on_tokens`, `on_finish`) run on the engine thread: keep them
+short (the server hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.config import ModelConfig
+from jaxspec.errors import ConfigError, InputError
+from jaxspec.generate import ar_spec
+from jaxspec.kv_cache import check_fits
+from jaxspec.prefill import prefill_cache
+from jaxspec.runner import next_pow2, prompt_bucket
+from jaxspec.sampling import SamplingParams
+from jaxspec.serving.metrics import EngineMetrics
+from jaxspec.speculative import SpecConfig, SpecState, _spec_step, spec_start
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # slots (rows of the decode state)
+    max_context: int = 2048  # prompt + generated tokens per slot
+    max_queue: int = 64  # queued (not yet admitted) requests before `QueueFull`
+    admit_per_step: int = 4  # prefills between two decode steps
+    chunk: int = 256  # prefill chunk (a power of two)
+
+    def validate(self, cfg: ModelConfig) -> None:
+        for f in ("max_batch", "max_context", "max_queue", "admit_per_step", "chunk"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"engine {f} must be >= 1, got {getattr(self, f)}")
+        if self.chunk & (self.chunk - 1):
+            raise ConfigError(f"engine chunk must be a power of two, got {self.chunk}")
+        if self.max_context > cfg.max_position_embeddings:
+            raise ConfigError(
+                f"max_context {self.max_context} exceeds the model's context of "
+                f"{cfg.max_position_embeddings} tokens"
+            )
+
+
+class QueueFull(Exception):
+    """The engine's queue holds `max_queue` requests; retry later."""
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request. `on_tokens(ids)` receives each step's new tokens (EOS included
+    when it ends the request); `on_finish(reason, n_tokens)` is called once: reason "stop"
+    (EOS, a stop token, or `cancel(..., "stop")`), "length" (max_tokens), "cancelled", or
+    "error: ..."."""
+
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    on_tokens: Callable[[list[int]], None] = lambda ids: None
+    on_finish: Callable[[str, int], None] = lambda reason, n: None
+    id: int = -1  # set by `submit`
+    # set by the engine
+    submitted: float = 0.0
+    first_token: float | None = None
+    last_delivery: float = 0.0
+    n_out: int = 0
+    slot: int | None = None
+    finished: bool = False
+
+
+def _rows(x, axis: int, lo: int, n: int):
+    return jax.lax.slice_in_dim(x, lo, lo + n, axis=axis)
+
+
+def _map_rows(fn, axes: tuple[int, ...], *trees):
+    """`fn(axis, *leaves)` over the state's leaves that have a batch axis (axis >= 0); the
+    others (step counter, rng key: axis -1) come from the last tree."""
+    flat = [jax.tree.flatten(t) for t in trees]
+    out = [fn(a, *ls) if a >= 0 else ls[-1]
+           for a, *ls in zip(axes, *(f[0] for f in flat), strict=True)]  # fmt: skip
+    return flat[0][1].unflatten(out)
+
+
+def _release(state: SpecState, slot) -> SpecState:
+    return state.replace(done=state.done.at[slot].set(True))
+
+
+def _move(state: SpecState, src, dst, axes) -> SpecState:
+    """Copy row `src` over row `dst` (packing the active rows after one finishes)."""
+
+    def move(a, x):
+        row = jax.lax.dynamic_slice_in_dim(x, src, 1, axis=a)
+        return jax.lax.dynamic_update_slice_in_dim(x, row, dst, axis=a)
+
+    return _map_rows(move, axes, state)
+
+
+_release_jit = jax.jit(_release, donate_argnums=(0,))
+_move_jit = jax.jit(_move, static_argnums=(3,), donate_argnums=(0,))
+
+
+def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, spec, context,
+               slots, chunk) -> SpecState:  # fmt: skip
+    """The engine-shaped state of these rows: caches of `slots` slots, output buffer and
+    history of `context` tokens, one-column histograms (the step swaps in its own)."""
+    cache, last_h = prefill_cache(params_t, spec.target, prompt, length, slots=slots, chunk=chunk)
+    row = spec_start(params_t, params_d, cache, last_h, prompt, key, sampling, max_new,
+                     spec=spec, max_new_tokens=context, chunk=chunk)  # fmt: skip
+    B = prompt.shape[0]
+    history = row.history
+    if history is not None:  # width P + context → context (prompt + generated <= context)
+        history = history[:, :context]
+    return row.replace(history=history, accept_hist=jnp.zeros((B, 1), jnp.int32),
+                       rank_hist=jnp.zeros((B, 1), jnp.int32))  # fmt: skip
+
+
+def _admit(params_t, params_d, state, slot, prompt, length, key, sampling, max_new, *, spec,
+           chunk, axes):  # fmt: skip
+    """Prefill one request into row `slot` (DONATES `state`)."""
+    context = state.tokens.shape[1]
+    row = _row_state(params_t, params_d, prompt, length, key, sampling, max_new, spec=spec,
+                     context=context, slots=state.cache.num_slots, chunk=chunk)  # fmt: skip
+
+    def put(a, x, r):
+        return jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), slot, axis=a)
+
+    return _map_rows(put, axes, state, row).replace(steps=state.steps, rng=state.rng)
+
+
+_admit_jit = jax.jit(_admit, static_argnames=("spec", "chunk", "axes"), donate_argnums=(2,))
+
+
+def _step(params_t, params_d, state: SpecState, spec: SpecConfig):
+    """One speculative step → (state, tokens emitted by it [B, D+1] (-1 padded), done [B])."""
+    B, out_len = state.tokens.shape
+    D1 = spec.max_depth + 1
+    s = state.replace(accept_hist=jnp.zeros((B, D1), jnp.int32),
+                      rank_hist=jnp.zeros((B, spec.max_width + 1), jnp.int32))  # fmt: skip
+    s = _spec_step(params_t, params_d, s, spec)
+    j = jnp.arange(D1)[None]
+    new = jnp.take_along_axis(s.tokens, jnp.minimum(state.n_out[:, None] + j, out_len - 1), axis=1)
+    new = jnp.where(j < (s.n_out - state.n_out)[:, None], new, -1)
+    s = s.replace(accept_hist=state.accept_hist, rank_hist=state.rank_hist)
+    return s, new, s.done
+
+
+def _step_rows(params_t, params_d, state: SpecState, spec: SpecConfig, b: int, axes):
+    """`_step` on rows [0, b) only (the active rows are packed first): the batch bucket's
+    compute, whatever the number of slots. DONATES `state`."""
+    if b == state.done.shape[0]:
+        return _step(params_t, params_d, state, spec)
+    sub = _map_rows(lambda a, x: _rows(x, a, 0, b), axes, state)
+    sub, new, done = _step(params_t, params_d, sub, spec)
+    put = _map_rows(lambda a, x, r: jax.lax.dynamic_update_slice_in_dim(x, r, 0, axis=a), axes,
+                    state, sub)  # fmt: skip
+    return put, new, done
+
+
+_step_jit = jax.jit(_step_rows, static_argnums=(3, 4, 5), donate_argnums=(2,))
+
+
+def batch_axes(shapes_1, shapes_2) -> tuple[int, ...]:
+    """Per leaf, the axis whose size differs between a 1-row and a 2-row state (-1: none)."""
+
+    def axis(a, b):
+        diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y]
+        return diff[0] if diff else -1
+
+    return tuple(jax.tree.leaves(jax.tree.map(axis, shapes_1, shapes_2)))
+
+
+class Engine:
+    """Fixed-slot continuous batching over one decode state (see the module docstring).
+
+    `spec_for(b)` maps a batch bucket (power of two <= max_batch) to a SpecConfig or None (AR);
+    every non-None config must draft the same way (all n-gram, or all with the same draft
+    model), and AR buckets are only allowed for model-free drafting (a draft model's cache
+    would fall behind during AR steps). `draft` is the draft model's params or the n-gram
+    datastore (or None)."""
+
+    def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig(),
+                 spec_for: Callable[[int], SpecConfig | None] | None = None, draft=None,
+                 metrics: EngineMetrics | None = None):  # fmt: skip
+        config.validate(cfg)
+        self.params, self.cfg, self.config, self.draft = params, cfg, config, draft
+        self.buckets = [1 << i for i in range(next_pow2(config.max_batch).bit_length())]
+        self.buckets = [b for b in self.buckets if b < config.max_batch] + [config.max_batch]
+        self.specs = {b: (spec_for(b) if spec_for else None) for b in self.buckets}
+        self.state_spec = _state_spec(cfg, self.specs)
+        self.ar_spec = ar_spec(cfg)  # AR buckets: root-only tree (keeps an n-gram history)
+        n_max = max(s.num_nodes for s in [self.state_spec, *self.specs.values()] if s)
+        self.slots = config.max_context + n_max
+        itemsize = np.dtype(params.embed.dtype).itemsize
+        check_fits(cfg, config.max_batch, self.slots, itemsize, "engine KV cache")
+        if self.state_spec.uses_draft_model:
+            check_fits(self.state_spec.draft, config.max_batch, self.slots, itemsize,
+                       "engine draft KV cache")  # fmt: skip
+        self.metrics = metrics or EngineMetrics()
+        self.metrics.max_slots = config.max_batch
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queue: collections.deque[Request] = collections.deque()
+        self._cancel: dict[int, str] = {}
+        self._active: dict[int, Request] = {}  # slot → request
+        self._next_id = 0
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.axes = batch_axes(self._state_shapes(1), self._state_shapes(2))
+        self.state = self._empty_state()
+        self.compile_s = 0.0
+        self._compiled: set = set()
+
+    # ---- public, thread-safe -----------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """InputError for a request the engine cannot serve (its messages name the value)."""
+        n = len(req.prompt)
+        if n == 0:
+            raise InputError("the prompt is empty")
+        if req.max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {req.max_tokens}")
+        if n + req.max_tokens > self.config.max_context:
+            raise InputError(
+                f"the prompt has {n} tokens; with max_tokens={req.max_tokens} it exceeds the "
+                f"server's context of {self.config.max_context} tokens"
+            )
+        bad = [t for t in req.prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary [0, "
+                             f"{self.cfg.vocab_size})")  # fmt: skip
+        SamplingParams.make(1, req.temperature, req.top_k, req.top_p)
+
+    def submit(self, req: Request) -> Request:
+        """Queue a request (checked first); `QueueFull` when `max_queue` are waiting,
+        `RuntimeError` once the engine is stopping."""
+        self.check(req)
+        with self._lock:
+            if not self._accepting:
+                raise RuntimeError("the engine is shutting down")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are queued")
+            req.id, self._next_id = self._next_id, self._next_id + 1
+            req.submitted = time.perf_counter()
+            self._queue.append(req)
+            self.metrics.queue_length = len(self._queue)
+            self._wake.notify()
+        return req
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """End a request between steps (queued or running); its slot is freed at once."""
+        with self._lock:
+            if not req.finished:
+                self._cancel[req.id] = reason
+                self._wake.notify()
+
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._loop, name="jaxspec-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop accepting; with `drain`, finish every queued and running request first."""
+        with self._lock:
+            self._accepting = False
+            if not drain:
+                for r in [*self._queue, *self._active.values()]:
+                    self._cancel[r.id] = "cancelled"
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def compile_steps(self) -> None:
+        """Compile (and run, harmlessly) every bucket's step while no slot is in use."""
+        if self._active or self._thread is not None:
+            raise RuntimeError("compile_steps needs an idle engine that is not running")
+        for b, spec in self.specs.items():
+            spec = spec or self.ar_spec
+            t0 = time.perf_counter()
+            self.state, new, _ = _step_jit(self.params, self.draft, self.state, spec, b, self.axes)
+            jax.block_until_ready(new)
+            self._note_compile(("step", spec, b), time.perf_counter() - t0)
+
+    def run_until_idle(self) -> None:
+        """Run the loop on this thread until nothing is queued or running (tests, scripts)."""
+        while self._queue or self._active:
+            self._iteration()
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not (self._queue or self._active or self._cancel or self._stop):
+                        self._wake.wait()
+                    if self._stop and not (self._queue or self._active):
+                        return
+                self._iteration()
+        except BaseException as e:  # surfaced to every waiting request, then re-raised
+            self.error = e
+            with self._lock:
+                pending = [*self._queue, *self._active.values()]
+                self._queue.clear()
+                self._active.clear()
+            for r in pending:
+                self._finish(r, f"error: {type(e).__name__}: {e}")
+            raise
+
+    def _iteration(self) -> None:
+        self._apply_cancellations()
+        self._admit_some()
+        if self._active:
+            self._decode_step()
+        with self._lock:
+            self.metrics.queue_length = len(self._queue)
+            self.metrics.active_slots = len(self._active)
+
+    def _apply_cancellations(self) -> None:
+        with self._lock:
+            cancel, self._cancel = self._cancel, {}
+            queued = [r for r in self._queue if r.id in cancel]
+            for r in queued:
+                self._queue.remove(r)
+        for r in queued:
+            self._finish(r, cancel[r.id])
+        for r in list(self._active.values()):
+            if r.id in cancel:
+                self._free(r.slot, cancel[r.id])  # (rows move as others are freed)
+
+    def _admit_some(self) -> None:
+        for _ in range(self.config.admit_per_step):
+            with self._lock:
+                if len(self._active) == self.config.max_batch or not self._queue:
+                    return
+                req = self._queue.popleft()
+            self._admit(req, len(self._active))  # active rows are packed: 0 .. n-1
+
+    def _admit(self, req: Request, slot: int) -> None:
+        n = len(req.prompt)
+        chunk = self.config.chunk
+        P = prompt_bucket(n)
+        P = -(-P // min(chunk, P)) * min(chunk, P)
+        chunk = min(chunk, P & -P)
+        prompt = np.zeros((1, P), np.int32)
+        prompt[0, :n] = req.prompt
+        sp = SamplingParams.make(1, req.temperature, req.top_k, req.top_p)
+        args = (jnp.asarray(prompt), jnp.asarray([n], jnp.int32), jax.random.key(req.seed), sp,
+                jnp.asarray([req.max_tokens], jnp.int32))  # fmt: skip
+        key = ("admit", P, chunk)
+        t0 = time.perf_counter()
+        self.state = _admit_jit(self.params, self.draft, self.state, jnp.int32(slot), *args,
+                                spec=self.state_spec, chunk=chunk, axes=self.axes)  # fmt: skip
+        first = int(self.state.tokens[slot, 0])  # the sync: the prefill is done
+        dt = time.perf_counter() - t0
+        if not self._note_compile(key, dt):
+            self.metrics.prefill_s += dt
+        req.slot = slot
+        self._active[slot] = req
+        self.metrics.prompt_tokens += n
+        self._deliver(req, [first], bool(self.state.done[slot]))
+
+    def _decode_step(self) -> None:
+        b = min(next_pow2(len(self._active)), self.config.max_batch)  # a key of self.specs
+        spec = self.specs[b]
+        t0 = time.perf_counter()
+        spec_b = spec or self.ar_spec
+        self.state, new, done = _step_jit(self.params, self.draft, self.state, spec_b, b,
+                                          self.axes)  # fmt: skip
+        new, done = jax.device_get((new, done))
+        dt = time.perf_counter() - t0
+        m = self.metrics
+        m.steps += 1
+        if not self._note_compile(("step", spec_b, b), dt):
+            m.decode_s += dt
+        for slot, req in list(self._active.items()):  # rows as the step saw them
+            toks = [int(t) for t in new[slot] if t >= 0]
+            if not toks:
+                continue
+            m.record_row_step(spec.num_speculated if spec else 0, len(toks))
+            self._deliver(req, toks, bool(done[slot]))
+        m.last_bucket, m.last_speculated = b, spec.num_speculated if spec else 0
+
+    def _deliver(self, req: Request, toks: list[int], done: bool) -> None:
+        """Hand a step's tokens to the request; finish it on EOS / max_tokens / a stop token."""
+        reason = None
+        for i, t in enumerate(toks):
+            if t in req.stop_token_ids:
+                toks, reason = toks[: i + 1], "stop"
+                break
+        now = time.perf_counter()
+        if req.first_token is None:
+            req.first_token = now
+            self.metrics.observe(self.metrics.ttft, now - req.submitted)
+        else:
+            dt = (now - req.last_delivery) / len(toks)
+            self.metrics.observe(self.metrics.token_latency, dt, len(toks))
+        req.last_delivery = now
+        req.n_out += len(toks)
+        self.metrics.delivered(len(toks))
+        req.on_tokens(toks)
+        if reason is None and done:  # the step ended the row: EOS, else max_tokens
+            reason = "stop" if toks[-1] in self.cfg.eos_token_ids else "length"
+        if reason is not None:
+            self._free(req.slot, reason)
+
+    def _free(self, slot: int, reason: str) -> None:
+        """Finish the request of row `slot`; the last active row moves into it (packing)."""
+        req = self._active.pop(slot)
+        last = len(self._active)  # the last active row, before this one was removed
+        if last != slot:
+            self.state = _move_jit(self.state, jnp.int32(last), jnp.int32(slot), self.axes)
+            moved = self._active.pop(last)
+            moved.slot = slot
+            self._active[slot] = moved
+        self.state = _release_jit(self.state, jnp.int32(last))
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self.metrics.finished(reason, time.perf_counter() - req.submitted)
+        req.on_finish(reason, req.n_out)
+
+    def _note_compile(self, key, seconds: float) -> bool:
+        """True (and the seconds counted as compile time) on the first call of a shape."""
+        if key in self._compiled:
+            return False
+        self._compiled.add(key)
+        self.compile_s += seconds
+        self.metrics.compile_s += seconds
+        return True
+
+    def _state_shapes(self, B: int):
+        """The shapes of a B-row engine state (an admitted row's structure)."""
+        chunk = min(self.config.chunk, 16)
+        args = (jnp.zeros((B, 16), jnp.int32), jnp.zeros((B,), jnp.int32), jax.random.key(0),
+                SamplingParams.make(B), jnp.ones((B,), jnp.int32))  # fmt: skip
+        return jax.eval_shape(
+            lambda p, d, *a: _row_state(p, d, *a, spec=self.state_spec,
+                                        context=self.config.max_context, slots=self.slots,
+                                        chunk=chunk),
+            self.params, self.draft, *args,
+        )  # fmt: skip
+
+    def _empty_state(self) -> SpecState:
+        """Every slot free: the structure of an admitted state, zeros, `done` everywhere."""
+        B, C = self.config.max_batch, self.config.max_context
+        state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._state_shapes(B))
+        return state.replace(done=jnp.ones((B,), bool), rng=jax.random.key(0),
+                             tokens=jnp.full((B, C), -1, jnp.int32),
+                             sampling=SamplingParams.make(B))  # fmt: skip
+
+
+def _state_spec(cfg: ModelConfig, specs: dict) -> SpecConfig:
+    """The configuration whose state layout every bucket shares (checked)."""
+    real = [s for s in specs.values() if s is not None]
+    if not real:
+        return ar_spec(cfg)
+    base = real[0]
+    for s in real:
+        if s.magicdec is not None:
+            raise ConfigError("the serving engine does not run MagicDec (use sssd, chain, tree)")
+        if (s.ngram is None) != (base.ngram is None) or s.draft != base.draft:
+            raise ConfigError("every bucket of the engine must draft the same way")
+    if base.uses_draft_model and len(real) < len(specs):
+        raise ConfigError(
+            "autoregressive buckets need model-free drafting (sssd): a draft model's cache "
+            "would fall behind during autoregressive steps"
+        )
+    return base
