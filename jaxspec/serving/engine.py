@@ -284,7 +284,7 @@ class Engine:
         """End a request between steps (queued or running); its slot is freed at once."""
         with self._lock:
             if not req.finished:
-                self._cancel[req.id] = reason
+                self._cancel.setdefault(req.id, reason)  # the first reason wins
                 self._wake.notify()
 
     def start(self) -> Engine:

@@ -262,8 +262,17 @@ class Server:
 
 def serve(engine: Engine, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:  # fmt: skip
-    """Run the server until SIGTERM/SIGINT (which drain in-flight requests first)."""
+    """Run the server until SIGTERM/SIGINT, which drain in-flight requests first; then return
+    (exit status 0: a drained shutdown is a clean one)."""
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises the signal after the drain (status -15); we return instead
+            getattr(self, "_captured_signals", []).clear()
+
     app = Server(engine, tokenizer, model_name).app
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=None)  # fmt: skip
+    _Server(config).run()
