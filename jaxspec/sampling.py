@@ -60,10 +60,15 @@ def process_logits(logits: Float[Array, "B V"], sp: SamplingParams) -> Float[Arr
 
 
 def probs(logits: Float[Array, "B V"], sp: SamplingParams) -> Float[Array, "B V"]:
-    """float32 distribution after all transforms (one-hot argmax for greedy rows)."""
-    p = jax.nn.softmax(process_logits(logits, sp), axis=-1)
+    """float32 distribution after all transforms (one-hot argmax for greedy rows). The sort
+    behind top-k/top-p is skipped entirely when every row is greedy."""
     greedy = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
-    return jnp.where((sp.temperature > 0)[:, None], p, greedy)
+
+    def full(_):
+        p = jax.nn.softmax(process_logits(logits, sp), axis=-1)
+        return jnp.where((sp.temperature > 0)[:, None], p, greedy)
+
+    return jax.lax.cond(jnp.any(sp.temperature > 0), full, lambda _: greedy, None)
 
 
 def sample(logits: Float[Array, "B V"], sp: SamplingParams, key: PRNGKeyArray) -> Int[Array, " B"]:

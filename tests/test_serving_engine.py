@@ -63,6 +63,7 @@ def _serve(engine, prompts, max_tokens, temperature=None, cancel_after=None):
     while engine.queue_length or engine.active:
         engine._iteration()
         assert sorted(engine._active) == list(range(engine.active))
+        assert engine.active <= engine.rows in engine.buckets  # the state is a bucket's size
     return outs, reasons
 
 
@@ -90,6 +91,7 @@ def test_engine_equals_greedy_ar(prompts_and_ref, name, spec_for, draft):
         assert r == ("stop" if o[-1] in CFG.eos_token_ids else "length"), (o, r)
         assert len(o) == m or r == "stop"
     assert eng.metrics.completion_tokens == sum(map(len, outs))
+    assert eng.metrics.resizes >= 2  # grew 1 → 2 → 4
     if name.startswith("sssd"):
         assert eng.metrics.accepted > 0  # the repetitive prompt's drafts were accepted
         assert eng.metrics.tau > 1
@@ -170,3 +172,25 @@ def test_threaded_engine_drains_on_stop(prompts_and_ref):
     assert outs == ref
     with pytest.raises(RuntimeError, match="shutting down"):
         eng.submit(Request(prompts[0], 4))
+
+
+def test_cost_model_gate(prompts_and_ref):
+    """compile_steps times every bucket's steps; a bucket whose predicted speedup
+    tau_est · t_AR / t_spec is < 1 decodes AR, but speculates every explore_every-th step, and its
+    tau estimate follows what it observes. Outputs stay exact either way."""
+    prompts, ref = prompts_and_ref
+    config = EngineConfig(max_batch=2, max_context=96, explore_every=4, expected_tau=1.5)
+    eng = Engine(PARAMS, CFG, config, spec_for=lambda b: _ngram(4))
+    eng.compile_steps()
+    assert set(eng.step_s) == {(1, True), (1, False), (2, True), (2, False)}
+    assert eng.rows == 1 and eng.compile_s > 0
+    eng.step_s[(1, False)] = eng.step_s[(1, True)] * 3  # speculation "costs" 3 AR steps
+    eng.step_s[(2, False)] = eng.step_s[(2, True)] * 1.2
+    assert eng.predicted_speedup(1) == pytest.approx(0.5)
+    assert eng.predicted_speedup(2) == pytest.approx(1.25)
+    picks = [eng._choose(1) for _ in range(8)]
+    assert [p is not None for p in picks] == [False, False, False, True] * 2
+    assert eng._choose(2) is eng.specs[2]
+    outs, _ = _serve(eng, prompts, [MAX] * len(prompts))
+    assert outs == ref
+    assert eng.tau_est[2] != 1.5  # observed while speculating

@@ -56,9 +56,18 @@ class EngineConfig:
     max_queue: int = 64  # queued (not yet admitted) requests before `QueueFull`
     admit_per_step: int = 4  # prefills between two decode steps
     chunk: int = 256  # prefill chunk (a power of two)
+    shrink_after: int = 8  # iterations with fewer active rows before the state shrinks
+    # cost-model gate (needs `compile_steps`, which times each bucket's steps): a bucket
+    # speculates only while tau_est · t_AR / t_spec >= 1; tau_est starts at `expected_tau` and
+    # follows the tau observed while speculating (EMA); every `explore_every`-th step of a
+    # gated bucket speculates anyway, to keep the estimate current
+    gate: bool = True
+    expected_tau: float = 1.8
+    explore_every: int = 16
 
     def validate(self, cfg: ModelConfig) -> None:
-        for f in ("max_batch", "max_context", "max_queue", "admit_per_step", "chunk"):
+        for f in ("max_batch", "max_context", "max_queue", "admit_per_step", "chunk",
+                  "shrink_after"):  # fmt: skip
             if getattr(self, f) < 1:
                 raise ConfigError(f"engine {f} must be >= 1, got {getattr(self, f)}")
         if self.chunk & (self.chunk - 1):
@@ -100,15 +109,11 @@ class Request:
     finished: bool = False
 
 
-def _rows(x, axis: int, lo: int, n: int):
-    return jax.lax.slice_in_dim(x, lo, lo + n, axis=axis)
-
-
 def _map_rows(fn, axes: tuple[int, ...], *trees):
     """`fn(axis, *leaves)` over the state's leaves that have a batch axis (axis >= 0); the
-    others (step counter, rng key: axis -1) come from the last tree."""
+    others (step counter, rng key: axis -1) come from the first tree."""
     flat = [jax.tree.flatten(t) for t in trees]
-    out = [fn(a, *ls) if a >= 0 else ls[-1]
+    out = [fn(a, *ls) if a >= 0 else ls[0]
            for a, *ls in zip(axes, *(f[0] for f in flat), strict=True)]  # fmt: skip
     return flat[0][1].unflatten(out)
 
@@ -127,8 +132,26 @@ def _move(state: SpecState, src, dst, axes) -> SpecState:
     return _map_rows(move, axes, state)
 
 
+def _insert(state: SpecState, row: SpecState, slot, axes) -> SpecState:
+    """Write a one-row state into row `slot`."""
+
+    def put(a, x, r):
+        return jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), slot, axis=a)
+
+    return _map_rows(put, axes, state, row)
+
+
+def _resize(state: SpecState, empty: SpecState | None, rows: int, axes) -> SpecState:
+    """The first `rows` rows (shrink), or the state followed by `empty`'s rows (grow)."""
+    if empty is None:
+        return _map_rows(lambda a, x: jax.lax.slice_in_dim(x, 0, rows, axis=a), axes, state)
+    return _map_rows(lambda a, x, e: jnp.concatenate([x, e], axis=a), axes, state, empty)
+
+
 _release_jit = jax.jit(_release, donate_argnums=(0,))
 _move_jit = jax.jit(_move, static_argnums=(3,), donate_argnums=(0,))
+_insert_jit = jax.jit(_insert, static_argnums=(3,), donate_argnums=(0,))
+_resize_jit = jax.jit(_resize, static_argnums=(2, 3))  # new shapes: nothing to donate
 
 
 def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, spec, context,
@@ -146,24 +169,12 @@ def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, sp
                        rank_hist=jnp.zeros((B, 1), jnp.int32))  # fmt: skip
 
 
-def _admit(params_t, params_d, state, slot, prompt, length, key, sampling, max_new, *, spec,
-           chunk, axes):  # fmt: skip
-    """Prefill one request into row `slot` (DONATES `state`)."""
-    context = state.tokens.shape[1]
-    row = _row_state(params_t, params_d, prompt, length, key, sampling, max_new, spec=spec,
-                     context=context, slots=state.cache.num_slots, chunk=chunk)  # fmt: skip
-
-    def put(a, x, r):
-        return jax.lax.dynamic_update_slice_in_dim(x, r.astype(x.dtype), slot, axis=a)
-
-    return _map_rows(put, axes, state, row).replace(steps=state.steps, rng=state.rng)
-
-
-_admit_jit = jax.jit(_admit, static_argnames=("spec", "chunk", "axes"), donate_argnums=(2,))
+_row_state_jit = jax.jit(_row_state, static_argnames=("spec", "context", "slots", "chunk"))
 
 
 def _step(params_t, params_d, state: SpecState, spec: SpecConfig):
-    """One speculative step → (state, tokens emitted by it [B, D+1] (-1 padded), done [B])."""
+    """One speculative step → (state, tokens emitted by it [B, D+1] (-1 padded), done [B]).
+    DONATES `state` (jitted)."""
     B, out_len = state.tokens.shape
     D1 = spec.max_depth + 1
     s = state.replace(accept_hist=jnp.zeros((B, D1), jnp.int32),
@@ -176,19 +187,7 @@ def _step(params_t, params_d, state: SpecState, spec: SpecConfig):
     return s, new, s.done
 
 
-def _step_rows(params_t, params_d, state: SpecState, spec: SpecConfig, b: int, axes):
-    """`_step` on rows [0, b) only (the active rows are packed first): the batch bucket's
-    compute, whatever the number of slots. DONATES `state`."""
-    if b == state.done.shape[0]:
-        return _step(params_t, params_d, state, spec)
-    sub = _map_rows(lambda a, x: _rows(x, a, 0, b), axes, state)
-    sub, new, done = _step(params_t, params_d, sub, spec)
-    put = _map_rows(lambda a, x, r: jax.lax.dynamic_update_slice_in_dim(x, r, 0, axis=a), axes,
-                    state, sub)  # fmt: skip
-    return put, new, done
-
-
-_step_jit = jax.jit(_step_rows, static_argnums=(3, 4, 5), donate_argnums=(2,))
+_step_jit = jax.jit(_step, static_argnums=(3,), donate_argnums=(2,))
 
 
 def batch_axes(shapes_1, shapes_2) -> tuple[int, ...]:
@@ -240,7 +239,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.axes = batch_axes(self._state_shapes(1), self._state_shapes(2))
-        self.state = self._empty_state()
+        self.state = self._empty_state(self.buckets[0])  # rows = the current batch bucket
+        self._oversized = 0  # iterations the state has had a smaller bucket's active rows
+        self.step_s: dict[tuple[int, bool], float] = {}  # (bucket, is AR) → seconds per step
+        self.tau_est = {b: config.expected_tau for b in self.buckets}
+        self._gated_steps = collections.Counter()
         self.compile_s = 0.0
         self._compiled: set = set()
 
@@ -312,16 +315,30 @@ class Engine:
     def active(self) -> int:
         return len(self._active)
 
+    @property
+    def rows(self) -> int:
+        """Rows of the decode state now: the batch bucket of the active requests."""
+        return int(self.state.done.shape[0])
+
     def compile_steps(self) -> None:
-        """Compile (and run, harmlessly) every bucket's step while no slot is in use."""
+        """Compile (and run, harmlessly: every row is free) each bucket's step and resizes."""
         if self._active or self._thread is not None:
             raise RuntimeError("compile_steps needs an idle engine that is not running")
-        for b, spec in self.specs.items():
-            spec = spec or self.ar_spec
-            t0 = time.perf_counter()
-            self.state, new, _ = _step_jit(self.params, self.draft, self.state, spec, b, self.axes)
-            jax.block_until_ready(new)
-            self._note_compile(("step", spec, b), time.perf_counter() - t0)
+        for b in self.buckets:
+            self._resize(b)
+            for spec in dict.fromkeys([self.specs[b] or self.ar_spec, self.ar_spec]):
+                if spec is self.ar_spec and self.state_spec.uses_draft_model:
+                    continue  # a draft model's cache would fall behind
+                times = []
+                for _ in range(4):  # compile, then 3 timed runs (every row free: same work)
+                    t0 = time.perf_counter()
+                    self.state, new, _ = _step_jit(self.params, self.draft, self.state, spec)
+                    jax.block_until_ready(new)
+                    times.append(time.perf_counter() - t0)
+                self._note_compile(("step", spec, b), times[0])
+                self.step_s[(b, spec is self.ar_spec)] = float(np.median(times[1:]))
+        for b in reversed(self.buckets[:-1]):
+            self._resize(b)
 
     def run_until_idle(self) -> None:
         """Run the loop on this thread until nothing is queued or running (tests, scripts)."""
@@ -352,6 +369,7 @@ class Engine:
     def _iteration(self) -> None:
         self._apply_cancellations()
         self._admit_some()
+        self._maybe_shrink()
         if self._active:
             self._decode_step()
         with self._lock:
@@ -376,7 +394,10 @@ class Engine:
                 if len(self._active) == self.config.max_batch or not self._queue:
                     return
                 req = self._queue.popleft()
-            self._admit(req, len(self._active))  # active rows are packed: 0 .. n-1
+            n = len(self._active)
+            if n == self.rows:  # the next bucket up
+                self._resize(self._bucket(n + 1))
+            self._admit(req, n)  # active rows are packed: 0 .. n-1
 
     def _admit(self, req: Request, slot: int) -> None:
         n = len(req.prompt)
@@ -389,39 +410,64 @@ class Engine:
         sp = SamplingParams.make(1, req.temperature, req.top_k, req.top_p)
         args = (jnp.asarray(prompt), jnp.asarray([n], jnp.int32), jax.random.key(req.seed), sp,
                 jnp.asarray([req.max_tokens], jnp.int32))  # fmt: skip
-        key = ("admit", P, chunk)
         t0 = time.perf_counter()
-        self.state = _admit_jit(self.params, self.draft, self.state, jnp.int32(slot), *args,
-                                spec=self.state_spec, chunk=chunk, axes=self.axes)  # fmt: skip
-        first = int(self.state.tokens[slot, 0])  # the sync: the prefill is done
+        C = self.config.max_context
+        row = _row_state_jit(self.params, self.draft, *args, spec=self.state_spec, context=C,
+                             slots=self.slots, chunk=chunk)  # fmt: skip
+        first = int(row.tokens[0, 0])  # the sync: the prefill is done
         dt = time.perf_counter() - t0
-        if not self._note_compile(key, dt):
+        if not self._note_compile(("prefill", P, chunk), dt):
             self.metrics.prefill_s += dt
+        t0 = time.perf_counter()
+        self.state = _insert_jit(self.state, row, jnp.int32(slot), self.axes)
+        self._note_compile(("insert", self.rows), time.perf_counter() - t0)
         req.slot = slot
         self._active[slot] = req
         self.metrics.prompt_tokens += n
-        self._deliver(req, [first], bool(self.state.done[slot]))
+        self._deliver(req, [first], bool(row.done[0]))
 
     def _decode_step(self) -> None:
-        b = min(next_pow2(len(self._active)), self.config.max_batch)  # a key of self.specs
-        spec = self.specs[b]
+        b = self.rows
+        spec = self._choose(b)
         t0 = time.perf_counter()
         spec_b = spec or self.ar_spec
-        self.state, new, done = _step_jit(self.params, self.draft, self.state, spec_b, b,
-                                          self.axes)  # fmt: skip
+        self.state, new, done = _step_jit(self.params, self.draft, self.state, spec_b)
         new, done = jax.device_get((new, done))
         dt = time.perf_counter() - t0
         m = self.metrics
         m.steps += 1
         if not self._note_compile(("step", spec_b, b), dt):
             m.decode_s += dt
+        live = emitted = 0
         for slot, req in list(self._active.items()):  # rows as the step saw them
             toks = [int(t) for t in new[slot] if t >= 0]
             if not toks:
                 continue
+            live, emitted = live + 1, emitted + len(toks)
             m.record_row_step(spec.num_speculated if spec else 0, len(toks))
             self._deliver(req, toks, bool(done[slot]))
         m.last_bucket, m.last_speculated = b, spec.num_speculated if spec else 0
+        if spec is not None and live:  # the bucket's tau estimate follows what it observes
+            self.tau_est[b] += 0.1 * (emitted / live - self.tau_est[b])
+            m.tau_estimate = self.tau_est[b]
+
+    def predicted_speedup(self, b: int) -> float | None:
+        """tau_est · t_AR / t_spec of bucket b (None: its steps were not timed)."""
+        t_ar, t_spec = self.step_s.get((b, True)), self.step_s.get((b, False))
+        if self.specs[b] is None or t_ar is None or t_spec is None:
+            return None
+        return self.tau_est[b] * t_ar / t_spec
+
+    def _choose(self, b: int) -> SpecConfig | None:
+        """The bucket's speculation, or None (AR) where the cost model predicts no gain."""
+        spec = self.specs[b]
+        if spec is None or not self.config.gate or self.state_spec.uses_draft_model:
+            return spec
+        gain = self.predicted_speedup(b)
+        if gain is None or gain >= 1:
+            return spec
+        self._gated_steps[b] += 1
+        return spec if self._gated_steps[b] % self.config.explore_every == 0 else None
 
     def _deliver(self, req: Request, toks: list[int], done: bool) -> None:
         """Hand a step's tokens to the request; finish it on EOS / max_tokens / a stop token."""
@@ -458,6 +504,35 @@ class Engine:
         self.state = _release_jit(self.state, jnp.int32(last))
         self._finish(req, reason)
 
+    def _bucket(self, n: int) -> int:
+        """The smallest batch bucket holding n rows."""
+        return next(b for b in self.buckets if b >= n)
+
+    def _maybe_shrink(self) -> None:
+        """Shrink the state to the active rows' bucket once it has been too big for
+        `shrink_after` iterations (hysteresis: a count hovering at a bucket edge does not
+        copy the state back and forth)."""
+        target = self._bucket(max(len(self._active), 1))
+        self._oversized = self._oversized + 1 if target < self.rows else 0
+        if self._oversized >= self.config.shrink_after or (target < self.rows
+                                                            and not self._active):  # fmt: skip
+            self._resize(target)
+            self._oversized = 0
+
+    def _resize(self, rows: int) -> None:
+        """The decode state with `rows` rows (active rows are packed first, so a shrink keeps
+        them all); timed as compile on the first resize of a shape."""
+        if rows == self.rows:
+            return
+        t0 = time.perf_counter()
+        empty = self._empty_state(rows - self.rows) if rows > self.rows else None
+        self.state = _resize_jit(self.state, empty, rows, self.axes)
+        jax.block_until_ready(self.state.done)
+        dt = time.perf_counter() - t0
+        if not self._note_compile(("resize", self.rows if empty is None else -rows, rows), dt):
+            self.metrics.resize_s += dt
+        self.metrics.resizes += 1
+
     def _finish(self, req: Request, reason: str) -> None:
         if req.finished:
             return
@@ -486,9 +561,9 @@ class Engine:
             self.params, self.draft, *args,
         )  # fmt: skip
 
-    def _empty_state(self) -> SpecState:
-        """Every slot free: the structure of an admitted state, zeros, `done` everywhere."""
-        B, C = self.config.max_batch, self.config.max_context
+    def _empty_state(self, B: int) -> SpecState:
+        """B free rows: the structure of an admitted state, zeros, `done` everywhere."""
+        C = self.config.max_context
         state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._state_shapes(B))
         return state.replace(done=jnp.ones((B,), bool), rng=jax.random.key(0),
                              tokens=jnp.full((B, C), -1, jnp.int32),

@@ -14,7 +14,9 @@ Speculation per batch bucket (b = 1, 2, 4, ... up to --max-batch active slots):
                   any temperature, token-identical for greedy requests).
   ar              autoregressive at every bucket.
 Warm-up (default on) compiles the prefill of each prompt bucket up to --max-context and the
-step of each batch bucket before the port opens; compile time is reported apart.
+steps of each batch bucket before the port opens (compile time reported apart), and times them:
+the cost model then speculates at a bucket only while tau_est · t_AR / t_spec >= 1
+(`--expected-tau` to start, then the tau observed; `--no-gate` turns it off).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="queued requests before 429 Too Many Requests")  # fmt: skip
     p.add_argument("--admit-per-step", type=int, default=4, help="prefills between two steps")
+    p.add_argument("--no-gate", action="store_true",
+                   help="speculate at every bucket, even where the cost model predicts no gain")
+    p.add_argument("--expected-tau", type=float, default=1.8,
+                   help="cost model: initial tokens per step of speculating buckets")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     _add_attention_arg(p)
     p.add_argument("--host", default="127.0.0.1")
@@ -100,10 +106,14 @@ def spec_for_args(args, model, context: int):
 
 
 def build_engine(args, model):
+    from jaxspec.errors import InputError
     from jaxspec.serving.engine import Engine, EngineConfig
 
+    if args.expected_tau <= 0:
+        raise InputError(f"--expected-tau must be > 0, got {args.expected_tau}")
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
-                          max_queue=args.max_queue, admit_per_step=args.admit_per_step)  # fmt: skip
+                          max_queue=args.max_queue, admit_per_step=args.admit_per_step,
+                          gate=not args.no_gate, expected_tau=args.expected_tau)  # fmt: skip
     config.validate(model.cfg)
     spec_for, draft = spec_for_args(args, model, config.max_context)
     return Engine(model.params, model.cfg, config, spec_for=spec_for, draft=draft)
@@ -149,8 +159,15 @@ def cmd_serve(args) -> int:
     if not args.no_warmup:
         s = warmup(engine)
         print(f"[warm-up: {s:.1f} s, {engine.metrics.compile_s:.1f} s compiling]", file=sys.stderr)
-    buckets = {b: (s.num_speculated if s else 0) for b, s in engine.specs.items()}
-    print(f"[jaxspec serve: {model.name}, method {args.method}, draft tokens per batch bucket "
-          f"{buckets}, http://{args.host}:{args.port}]", file=sys.stderr)  # fmt: skip
+    for b, s in engine.specs.items():
+        gain = engine.predicted_speedup(b)
+        ar, sp = engine.step_s.get((b, True)), engine.step_s.get((b, False))
+        times = "" if ar is None else f", AR step {1000 * ar:.1f} ms"
+        times += "" if sp is None else f", speculative step {1000 * sp:.1f} ms"
+        pred = "" if gain is None else f", predicted {gain:.2f}× at tau {engine.tau_est[b]:.2f}"
+        print(f"[batch bucket {b}: {s.num_speculated if s else 0} draft tokens{times}{pred}]",
+              file=sys.stderr)  # fmt: skip
+    print(f"[jaxspec serve: {model.name}, method {args.method}, http://{args.host}:{args.port}]",
+          file=sys.stderr)  # fmt: skip
     serve(engine, model.tokenizer, model.name, args.host, args.port, args.log_level)
     return 0

@@ -55,6 +55,7 @@ class EngineMetrics:
         self.active_slots = 0
         self.last_bucket = 0
         self.last_speculated = 0
+        self.tau_estimate = 0.0
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.steps = 0
@@ -65,6 +66,8 @@ class EngineMetrics:
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.compile_s = 0.0
+        self.resize_s = 0.0  # copying the state to a new batch bucket's size
+        self.resizes = 0
         self.requests: collections.Counter[str] = collections.Counter()  # by finish reason
         self.rejected: collections.Counter[str] = collections.Counter()  # by HTTP status
         self.ttft = Histogram()
@@ -132,6 +135,11 @@ class EngineMetrics:
                     self.last_speculated,
                 ),  # fmt: skip
                 ("tau", "decode tokens per live row-step (bonus included)", self.tau),
+                (
+                    "tau_estimate",
+                    "the cost model's tau estimate of the last speculating bucket",
+                    self.tau_estimate,
+                ),  # fmt: skip
                 ("acceptance_rate", "accepted / drafted tokens", self.acceptance_rate),
                 (
                     "tokens_per_second",
