@@ -1,7 +1,7 @@
 """Serving benchmark: `jaxspec serve` under load, autoregressive vs speculative, one run.
 
     python scripts/bench_serve.py [--methods ar,sssd] [--concurrency 1,8,32]
-        [--prompts-file F ...] [--requests-per-client 4] [--max-tokens 64] [--max-batch 32]
+        [--prompts-file F ...] [--requests-per-client 2] [--max-tokens 64] [--max-batch 32]
         [--max-context 1024] [--out-md BENCHMARKS.md] [--json OUT]
 
 For each method a server is started as a subprocess (`jaxspec serve --method M`, warm-up on:

@@ -372,3 +372,18 @@ def test_text_stream_holds_back_partial_stops():
     ts = TextStream(Chars(), ["END"])
     got = "".join(ts.push([ord(c)]) for c in "abENx") + ts.push([], final=True)
     assert got == "abENx" and not ts.stopped
+
+
+def test_serve_cli_errors(tmp_path, capsys):
+    from jaxspec.cli import main
+    from jaxspec.convert.checkpoint import save_params
+
+    cfg, params = tiny_model()
+    save_params(tmp_path / "tiny", cfg, params)
+    base = ["serve", "--model", str(tmp_path / "tiny"), "--no-warmup", "--method", "ar"]
+    assert main(base + ["--max-context", "100000"]) == 2
+    assert "max_context 100000 exceeds the model's context of 512" in capsys.readouterr().err
+    assert main(base + ["--expected-tau", "0"]) == 2
+    assert "--expected-tau must be > 0" in capsys.readouterr().err
+    assert main(base + ["--max-batch", "0"]) == 2
+    assert "max_batch must be >= 1" in capsys.readouterr().err
