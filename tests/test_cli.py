@@ -180,6 +180,8 @@ def test_critiprefill_on_smollm2(smollm2, capsys):
     assert len(pruned) == 6
 
 
+# slow (31 s): every builder is also checked == AR on tiny models in test_magicdec.py
+@pytest.mark.slow
 def test_magicdec_builders_equal_ar_on_smollm2(smollm2, capsys):
     """MagicDec self-speculation on the real model with a 64-slot draft cache (the window slides
     over a ~400-token prompt): every builder emits exactly AR's greedy tokens."""

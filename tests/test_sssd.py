@@ -259,6 +259,8 @@ def test_sssd_generate_equals_ar_on_smollm2(smollm2, code_datastore, capsys):
         assert 0 < m["acceptance_rate"] <= 1 and m["draft_s"] > 0 and m["verify_s"] > 0
 
 
+# slow (18 s): the SSSD bench script end to end; greedy SSSD == AR on SmolLM2 stays in
+@pytest.mark.slow
 def test_sssd_bench_with_and_without_datastore(smollm2, code_datastore, tmp_path, capsys):
     f = tmp_path / "q.jsonl"
     f.write_text(json.dumps({"category": "code", "prompt": "Write a Python for loop."}) + "\n"
