@@ -77,6 +77,12 @@ def _expected(ref, max_tokens):
         ("ar", None, None),
         ("sssd+ar buckets", lambda b: _ngram(4) if b <= 2 else None, None),
         ("chain draft model", lambda b: SpecConfig(CFG, CFG, chain(3), "swor"), PARAMS),
+        # AR at bucket 4: the draft cache must stay in step through AR steps
+        (
+            "chain draft + ar buckets",
+            lambda b: SpecConfig(CFG, CFG, chain(3), "greedy") if b < 4 else None,
+            PARAMS,
+        ),
         ("tree draft model", lambda b: SpecConfig(CFG, CFG, load_tree("kary_2x3"), "swor"), PARAMS),
     ],
 )
@@ -153,9 +159,6 @@ def test_bad_configs():
         Engine(PARAMS, CFG, EngineConfig(max_context=1000))
     with pytest.raises(ConfigError, match="max_batch must be >= 1"):
         Engine(PARAMS, CFG, EngineConfig(max_batch=0))
-    with pytest.raises(ConfigError, match="autoregressive buckets need model-free drafting"):
-        Engine(PARAMS, CFG, small, draft=PARAMS,
-               spec_for=lambda b: SpecConfig(CFG, CFG, chain(2)) if b < 4 else None)  # fmt: skip
     md = SpecConfig(CFG, CFG, chain(2), magicdec=MagicDec(budget=32, sink=4))
     with pytest.raises(ConfigError, match="does not run MagicDec"):
         Engine(PARAMS, CFG, small, spec_for=lambda b: md, draft=PARAMS)

@@ -39,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.config import ModelConfig
+from jaxspec.drafting.vocab import model_params
 from jaxspec.errors import ConfigError, InputError
 from jaxspec.generate import ar_spec
 from jaxspec.kv_cache import check_fits
+from jaxspec.model import forward_hidden
 from jaxspec.prefill import prefill_cache
 from jaxspec.runner import next_pow2, prompt_bucket
 from jaxspec.sampling import SamplingParams
@@ -172,14 +174,25 @@ def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, sp
 _row_state_jit = jax.jit(_row_state, static_argnames=("spec", "context", "slots", "chunk"))
 
 
-def _step(params_t, params_d, state: SpecState, spec: SpecConfig):
+def _step(params_t, params_d, state: SpecState, spec: SpecConfig, draft_cfg: ModelConfig):
     """One speculative step → (state, tokens emitted by it [B, D+1] (-1 padded), done [B]).
-    DONATES `state` (jitted)."""
+    An autoregressive step on a state with a draft model's cache also writes the root's draft
+    K/V and commits it, so the draft cache stays in step with the target's for the next
+    speculative step. DONATES `state` (jitted)."""
     B, out_len = state.tokens.shape
     D1 = spec.max_depth + 1
     s = state.replace(accept_hist=jnp.zeros((B, D1), jnp.int32),
                       rank_hist=jnp.zeros((B, spec.max_width + 1), jnp.int32))  # fmt: skip
-    s = _spec_step(params_t, params_d, s, spec)
+    ar_with_draft = state.draft_cache is not None and not spec.uses_draft_model
+    if ar_with_draft:
+        s = _spec_step(params_t, None, s.replace(draft_cache=None), spec)
+        lengths = state.draft_cache.lengths
+        _, dcache = forward_hidden(model_params(params_d), draft_cfg, state.root[:, None],
+                                   lengths[:, None], state.draft_cache)  # fmt: skip
+        committed = s.n_out - state.n_out  # 1 per live row (the root), as in the target cache
+        s = s.replace(draft_cache=dcache.replace(lengths=lengths + committed))
+    else:
+        s = _spec_step(params_t, params_d, s, spec)
     j = jnp.arange(D1)[None]
     new = jnp.take_along_axis(s.tokens, jnp.minimum(state.n_out[:, None] + j, out_len - 1), axis=1)
     new = jnp.where(j < (s.n_out - state.n_out)[:, None], new, -1)
@@ -187,7 +200,7 @@ def _step(params_t, params_d, state: SpecState, spec: SpecConfig):
     return s, new, s.done
 
 
-_step_jit = jax.jit(_step, static_argnums=(3,), donate_argnums=(2,))
+_step_jit = jax.jit(_step, static_argnums=(3, 4), donate_argnums=(2,))
 
 
 def batch_axes(shapes_1, shapes_2) -> tuple[int, ...]:
@@ -205,9 +218,8 @@ class Engine:
 
     `spec_for(b)` maps a batch bucket (power of two <= max_batch) to a SpecConfig or None (AR);
     every non-None config must draft the same way (all n-gram, or all with the same draft
-    model), and AR buckets are only allowed for model-free drafting (a draft model's cache
-    would fall behind during AR steps). `draft` is the draft model's params or the n-gram
-    datastore (or None)."""
+    model; AR steps keep a draft model's cache in step). `draft` is the draft model's params
+    or the n-gram datastore (or None)."""
 
     def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig(),
                  spec_for: Callable[[int], SpecConfig | None] | None = None, draft=None,
@@ -327,12 +339,11 @@ class Engine:
         for b in self.buckets:
             self._resize(b)
             for spec in dict.fromkeys([self.specs[b] or self.ar_spec, self.ar_spec]):
-                if spec is self.ar_spec and self.state_spec.uses_draft_model:
-                    continue  # a draft model's cache would fall behind
                 times = []
                 for _ in range(4):  # compile, then 3 timed runs (every row free: same work)
                     t0 = time.perf_counter()
-                    self.state, new, _ = _step_jit(self.params, self.draft, self.state, spec)
+                    self.state, new, _ = _step_jit(self.params, self.draft, self.state, spec,
+                                                   self.state_spec.draft)  # fmt: skip
                     jax.block_until_ready(new)
                     times.append(time.perf_counter() - t0)
                 self._note_compile(("step", spec, b), times[0])
@@ -431,7 +442,8 @@ class Engine:
         spec = self._choose(b)
         t0 = time.perf_counter()
         spec_b = spec or self.ar_spec
-        self.state, new, done = _step_jit(self.params, self.draft, self.state, spec_b)
+        self.state, new, done = _step_jit(self.params, self.draft, self.state, spec_b,
+                                          self.state_spec.draft)  # fmt: skip
         new, done = jax.device_get((new, done))
         dt = time.perf_counter() - t0
         m = self.metrics
@@ -461,7 +473,7 @@ class Engine:
     def _choose(self, b: int) -> SpecConfig | None:
         """The bucket's speculation, or None (AR) where the cost model predicts no gain."""
         spec = self.specs[b]
-        if spec is None or not self.config.gate or self.state_spec.uses_draft_model:
+        if spec is None or not self.config.gate:
             return spec
         gain = self.predicted_speedup(b)
         if gain is None or gain >= 1:
@@ -581,9 +593,4 @@ def _state_spec(cfg: ModelConfig, specs: dict) -> SpecConfig:
             raise ConfigError("the serving engine does not run MagicDec (use sssd, chain, tree)")
         if (s.ngram is None) != (base.ngram is None) or s.draft != base.draft:
             raise ConfigError("every bucket of the engine must draft the same way")
-    if base.uses_draft_model and len(real) < len(specs):
-        raise ConfigError(
-            "autoregressive buckets need model-free drafting (sssd): a draft model's cache "
-            "would fall behind during autoregressive steps"
-        )
     return base

@@ -10,8 +10,9 @@ Speculation per batch bucket (b = 1, 2, 4, ... up to --max-batch active slots):
                   predicts no gain the bucket decodes autoregressively. Verified with the
                   point-mass rule: lossless for greedy and sampled requests alike.
   chain / tree    a draft model (--drafter / --draft), the same tree at every bucket
-                  (`--tree auto`: Sequoia's choice per bucket), SWOR verification (lossless at
-                  any temperature, token-identical for greedy requests).
+                  (`--tree auto`: Sequoia's choice per bucket, AR where it predicts no gain),
+                  SWOR verification (lossless at any temperature, token-identical for greedy
+                  requests). AR steps keep the draft model's cache in step.
   ar              autoregressive at every bucket.
 Warm-up (default on) compiles the prefill of each prompt bucket up to --max-context and the
 steps of each batch bucket before the port opens (compile time reported apart), and times them:
@@ -48,8 +49,11 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="queued requests before 429 Too Many Requests")  # fmt: skip
     p.add_argument("--admit-per-step", type=int, default=4, help="prefills between two steps")
-    p.add_argument("--no-gate", action="store_true",
-                   help="speculate at every bucket, even where the cost model predicts no gain")
+    p.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="speculate at every bucket, even where the cost model predicts no gain",
+    )
     p.add_argument("--expected-tau", type=float, default=1.8,
                    help="cost model: initial tokens per step of speculating buckets")  # fmt: skip
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
