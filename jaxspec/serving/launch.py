@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 SERVE_METHODS = ("sssd", "ar", "chain", "tree")
 
@@ -43,6 +44,13 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--tree", help="tree for --method tree (a name, a file, or auto)")
     p.add_argument("--verifier", choices=("swor", "rrs", "spechub", "point_mass"),
                    help="tree/chain verifier (default swor)")  # fmt: skip
+    p.add_argument("--acceptance-profile", metavar="FILE",
+                   help="--tree auto: acceptance vector (default: the draft's committed profile "
+                   "at --profile-temperature)")  # fmt: skip
+    p.add_argument("--profile-temperature", type=float, default=0.0,
+                   help="--tree auto: which committed acceptance profile to read")  # fmt: skip
+    p.add_argument("--device-profile", type=Path, metavar="FILE",
+                   help="--tree auto: device timing table (default: this device's)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=8, help="slots decoded together")
     p.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens per request")  # fmt: skip
@@ -100,7 +108,7 @@ def spec_for_args(args, model, context: int):
     if name == "auto":
         from jaxspec.cli import auto_spec
 
-        args.temperature = 1.0  # auto_spec reads the acceptance profile of a temperature
+        args.temperature = args.profile_temperature  # the acceptance profile's temperature
         chooser = auto_spec(args, model, dcfg, dname, verifier)
         return (lambda b: chooser(b, context)), dparams
     if args.gamma < 1:
