@@ -434,6 +434,7 @@ class Engine:
         self._note_compile(("insert", self.rows), time.perf_counter() - t0)
         req.slot = slot
         self._active[slot] = req
+        self.metrics.active_slots = len(self._active)
         self.metrics.prompt_tokens += n
         self._deliver(req, [first], bool(row.done[0]))
 
@@ -514,6 +515,7 @@ class Engine:
             moved.slot = slot
             self._active[slot] = moved
         self.state = _release_jit(self.state, jnp.int32(last))
+        self.metrics.active_slots = len(self._active)  # before the client hears it finished
         self._finish(req, reason)
 
     def _bucket(self, n: int) -> int:
