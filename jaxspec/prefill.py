@@ -47,16 +47,32 @@ def prefill_cache(
     cache = init_cache(cfg, B, slots, params.embed.dtype)
 
     def body(c, carry):
-        cache, last_h = carry
         toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
-        n_valid = jnp.clip(prompt_lengths - c * chunk, 0, chunk)
-        positions = cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
-        sparse = None if cp is None else critiprefill.segment_is_sparse(cp, c, prompt_lengths)
-        h, cache = forward_hidden(params, cfg, toks, positions, cache, sparse_prefill=sparse)
-        ends_here = (n_valid > 0) & (prompt_lengths <= (c + 1) * chunk)
-        h_last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
-        last_h = jnp.where(ends_here[:, None], h_last, last_h)
-        return advance(cache, n_valid), last_h
+        return prefill_chunk(params, cfg, toks, prompt_lengths, c, *carry)
 
     last_h = jnp.zeros((B, cfg.hidden_size), params.embed.dtype)
     return jax.lax.fori_loop(0, P // chunk, body, (cache, last_h))
+
+
+def prefill_chunk(
+    params: Params,
+    cfg: ModelConfig,
+    toks: Int[Array, "B C"],
+    prompt_lengths: Int[Array, " B"],
+    c: Int[Array, ""],
+    cache: KVCache,
+    last_h: Float[Array, "B M"],
+) -> tuple[KVCache, Float[Array, "B M"]]:
+    """Chunk `c` (tokens [c·C, (c+1)·C) of each row) into the cache; `last_h` takes the hidden
+    state of a row's last prompt token when this chunk holds it. `prefill_cache` loops over it;
+    the serving engine calls it one chunk at a time between decode steps."""
+    chunk = toks.shape[1]
+    cp = cfg.prefill
+    n_valid = jnp.clip(prompt_lengths - c * chunk, 0, chunk)
+    positions = cache.lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    sparse = None if cp is None else critiprefill.segment_is_sparse(cp, c, prompt_lengths)
+    h, cache = forward_hidden(params, cfg, toks, positions, cache, sparse_prefill=sparse)
+    ends_here = (n_valid > 0) & (prompt_lengths <= (c + 1) * chunk)
+    h_last = jnp.take_along_axis(h, jnp.maximum(n_valid - 1, 0)[:, None, None], axis=1)[:, 0]
+    last_h = jnp.where(ends_here[:, None], h_last, last_h)
+    return advance(cache, n_valid), last_h

@@ -1,23 +1,30 @@
 """Continuous-batching engine: fixed slots in one static-shape decode state, speculative steps.
 
 Conventions:
-  * slots     the decode state (`SpecState`) has B = `max_batch` rows for the engine's lifetime;
-              each row is a slot. A free slot is a row with `done = True`: the step computes it
-              (static shapes) but never advances or emits it.
+  * slots     `max_batch` slots live in one decode state (`SpecState`) whose rows are sized to
+              the batch bucket of the active requests (1, 2, 4, ..., max_batch): active rows
+              are packed first (a finished row's hole takes the last active row), the state
+              grows when a request needs a row and shrinks after `shrink_after` iterations at a
+              smaller bucket (hysteresis). A row past the active ones has `done = True`: the
+              step computes it (static shapes) but never advances or emits it. (Slicing the
+              active rows out of a max-batch state each step would copy their KV twice a step.)
   * context   each slot holds up to C = `max_context` tokens (prompt + generated); the caches
               have C + N_max slots (N_max: the largest tree of any bucket), the output buffer C.
-  * admit     between two steps, up to `admit_per_step` queued requests are prefilled one at a
-              time (prompt padded to its power-of-two bucket, one compile per bucket) straight
-              into a free row (`_admit`, which donates the state). The first token is sampled
-              with the request's own seed.
-  * step      one jitted speculative step (`jaxspec.speculative._spec_step`) per batch bucket
-              b = next power of two >= active slots: `spec_for(b)` gives the SpecConfig (None:
-              autoregressive), so speculation follows the batch size (SSSD's s(b)); one compile
-              per bucket. The step returns, beside the state, each row's tokens emitted by it
-              ([B, D+1], -1 padded), so the host reads a few hundred bytes per step, not the state.
+  * admit     between two steps: up to `admit_per_step` queued requests start prefilling (while
+              rows are free), and up to `prefill_budget` prompt tokens are prefilled, one chunk
+              per call (`jaxspec.prefill.prefill_chunk`, one compile per chunk size), so a long
+              prompt never stalls the running rows for its whole prefill. A finished prefill
+              samples its first token with the request's own seed and is inserted into the next
+              row.
+  * step      one jitted speculative step (`jaxspec.speculative._spec_step`) for the bucket:
+              `spec_for(b)` gives its SpecConfig (None: autoregressive), so speculation follows
+              the batch size (SSSD's s(b)); the cost-model gate (`EngineConfig.gate`) decodes AR
+              where measured step times and the observed tau predict no gain. One compile per
+              (bucket, configuration). The step returns each row's newly emitted tokens
+              ([B, D+1], -1 padded), so the host reads a few hundred bytes per step.
   * stop      EOS and max_tokens end a row inside the step; stop token ids, cancellation (a
               client that went away, a stop string found by the server) end it on the host,
-              which frees the slot at once (`_release`).
+              which frees the slot at once.
 Every request's tokens are those `jaxspec generate` gives it alone: rows never interact, and
 speculation is lossless (greedy: token-identical; sampling: the target distribution).
 
@@ -42,9 +49,9 @@ from jaxspec.config import ModelConfig
 from jaxspec.drafting.vocab import model_params
 from jaxspec.errors import ConfigError, InputError
 from jaxspec.generate import ar_spec
-from jaxspec.kv_cache import check_fits
+from jaxspec.kv_cache import KVCache, check_fits, init_cache
 from jaxspec.model import forward_hidden
-from jaxspec.prefill import prefill_cache
+from jaxspec.prefill import prefill_cache, prefill_chunk
 from jaxspec.runner import next_pow2, prompt_bucket
 from jaxspec.sampling import SamplingParams
 from jaxspec.serving.metrics import EngineMetrics
@@ -56,7 +63,8 @@ class EngineConfig:
     max_batch: int = 8  # slots (rows of the decode state)
     max_context: int = 2048  # prompt + generated tokens per slot
     max_queue: int = 64  # queued (not yet admitted) requests before `QueueFull`
-    admit_per_step: int = 4  # prefills between two decode steps
+    admit_per_step: int = 4  # prefills started between two decode steps
+    prefill_budget: int = 256  # prompt tokens prefilled between two decode steps (>= 1 chunk)
     chunk: int = 256  # prefill chunk (a power of two)
     shrink_after: int = 8  # iterations with fewer active rows before the state shrinks
     # cost-model gate (needs `compile_steps`, which times each bucket's steps): a bucket
@@ -69,7 +77,7 @@ class EngineConfig:
 
     def validate(self, cfg: ModelConfig) -> None:
         for f in ("max_batch", "max_context", "max_queue", "admit_per_step", "chunk",
-                  "shrink_after"):  # fmt: skip
+                  "shrink_after", "prefill_budget"):  # fmt: skip
             if getattr(self, f) < 1:
                 raise ConfigError(f"engine {f} must be >= 1, got {getattr(self, f)}")
         if self.chunk & (self.chunk - 1):
@@ -156,11 +164,10 @@ _insert_jit = jax.jit(_insert, static_argnums=(3,), donate_argnums=(0,))
 _resize_jit = jax.jit(_resize, static_argnums=(2, 3))  # new shapes: nothing to donate
 
 
-def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, spec, context,
-               slots, chunk) -> SpecState:  # fmt: skip
-    """The engine-shaped state of these rows: caches of `slots` slots, output buffer and
-    history of `context` tokens, one-column histograms (the step swaps in its own)."""
-    cache, last_h = prefill_cache(params_t, spec.target, prompt, length, slots=slots, chunk=chunk)
+def _start_row(params_t, params_d, cache, last_h, prompt, key, sampling, max_new, *, spec,
+               context, chunk) -> SpecState:  # fmt: skip
+    """The engine-shaped state of prefilled rows: output buffer and history of `context`
+    tokens, one-column histograms (the step swaps in its own); the first token sampled."""
     row = spec_start(params_t, params_d, cache, last_h, prompt, key, sampling, max_new,
                      spec=spec, max_new_tokens=context, chunk=chunk)  # fmt: skip
     B = prompt.shape[0]
@@ -171,7 +178,33 @@ def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, sp
                        rank_hist=jnp.zeros((B, 1), jnp.int32))  # fmt: skip
 
 
-_row_state_jit = jax.jit(_row_state, static_argnames=("spec", "context", "slots", "chunk"))
+def _row_state(params_t, params_d, prompt, length, key, sampling, max_new, *, spec, context,
+               slots, chunk) -> SpecState:  # fmt: skip
+    """`_start_row` after a whole prefill (the state's structure; the engine prefills chunk by
+    chunk between steps instead)."""
+    cache, last_h = prefill_cache(params_t, spec.target, prompt, length, slots=slots, chunk=chunk)
+    return _start_row(params_t, params_d, cache, last_h, prompt, key, sampling, max_new,
+                      spec=spec, context=context, chunk=chunk)  # fmt: skip
+
+
+_chunk_jit = jax.jit(prefill_chunk, static_argnums=(1,), donate_argnums=(5, 6))
+_start_jit = jax.jit(_start_row, static_argnames=("spec", "context", "chunk"))
+
+
+@dataclasses.dataclass
+class _Prefill:
+    """A request being prefilled, one chunk per call, between decode steps."""
+
+    req: Request
+    prompt: np.ndarray  # int32 [1, P], P a multiple of `chunk`
+    chunk: int
+    cache: KVCache  # one row, the engine's slots
+    last_h: jax.Array
+    done_chunks: int = 0
+
+    @property
+    def finished(self) -> bool:  # chunks past the prompt are padding: skipped (no-ops)
+        return self.done_chunks * self.chunk >= len(self.req.prompt)
 
 
 def _step(params_t, params_d, state: SpecState, spec: SpecConfig, draft_cfg: ModelConfig):
@@ -245,6 +278,7 @@ class Engine:
         self._queue: collections.deque[Request] = collections.deque()
         self._cancel: dict[int, str] = {}
         self._active: dict[int, Request] = {}  # slot → request
+        self._prefilling: collections.deque[_Prefill] = collections.deque()
         self._next_id = 0
         self._accepting = True
         self._stop = False
@@ -312,7 +346,8 @@ class Engine:
         with self._lock:
             self._accepting = False
             if not drain:
-                for r in [*self._queue, *self._active.values()]:
+                for r in [*self._queue, *(p.req for p in self._prefilling),
+                          *self._active.values()]:  # fmt: skip
                     self._cancel[r.id] = "cancelled"
             self._stop = True
             self._wake.notify()
@@ -353,7 +388,7 @@ class Engine:
 
     def run_until_idle(self) -> None:
         """Run the loop on this thread until nothing is queued or running (tests, scripts)."""
-        while self._queue or self._active:
+        while self._busy:
             self._iteration()
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -362,24 +397,31 @@ class Engine:
         try:
             while True:
                 with self._lock:
-                    while not (self._queue or self._active or self._cancel or self._stop):
+                    while not (self._busy or self._cancel or self._stop):
                         self._wake.wait()
-                    if self._stop and not (self._queue or self._active):
+                    if self._stop and not self._busy:
                         return
                 self._iteration()
         except BaseException as e:  # surfaced to every waiting request, then re-raised
             self.error = e
             with self._lock:
-                pending = [*self._queue, *self._active.values()]
+                pending = [*self._queue, *(p.req for p in self._prefilling),
+                           *self._active.values()]  # fmt: skip
                 self._queue.clear()
+                self._prefilling.clear()
                 self._active.clear()
             for r in pending:
                 self._finish(r, f"error: {type(e).__name__}: {e}")
             raise
 
+    @property
+    def _busy(self) -> bool:
+        return bool(self._queue or self._prefilling or self._active)
+
     def _iteration(self) -> None:
         self._apply_cancellations()
         self._admit_some()
+        self._prefill_some()
         self._maybe_shrink()
         if self._active:
             self._decode_step()
@@ -395,40 +437,71 @@ class Engine:
                 self._queue.remove(r)
         for r in queued:
             self._finish(r, cancel[r.id])
+        for p in [p for p in self._prefilling if p.req.id in cancel]:
+            self._prefilling.remove(p)
+            self._finish(p.req, cancel[p.req.id])
         for r in list(self._active.values()):
             if r.id in cancel:
                 self._free(r.slot, cancel[r.id])  # (rows move as others are freed)
 
     def _admit_some(self) -> None:
+        """Start the prefill of up to `admit_per_step` queued requests (while rows are free)."""
         for _ in range(self.config.admit_per_step):
             with self._lock:
-                if len(self._active) == self.config.max_batch or not self._queue:
+                taken = len(self._active) + len(self._prefilling)
+                if taken == self.config.max_batch or not self._queue:
                     return
                 req = self._queue.popleft()
-            n = len(self._active)
-            if n == self.rows:  # the next bucket up
-                self._resize(self._bucket(n + 1))
-            self._admit(req, n)  # active rows are packed: 0 .. n-1
+            n = len(req.prompt)
+            P = prompt_bucket(n)
+            if self.cfg.prefill is not None:  # CritiPrefill: whole segments, chunk = segment
+                chunk = self.cfg.prefill.segment
+            else:
+                chunk = min(self.config.chunk, P & -P)  # the largest power of two dividing P
+            P = -(-P // chunk) * chunk
+            prompt = np.zeros((1, P), np.int32)
+            prompt[0, :n] = req.prompt
+            cache = init_cache(self.cfg, 1, self.slots, self.params.embed.dtype)
+            last_h = jnp.zeros((1, self.cfg.hidden_size), self.params.embed.dtype)
+            self._prefilling.append(_Prefill(req, prompt, chunk, cache, last_h))
 
-    def _admit(self, req: Request, slot: int) -> None:
-        n = len(req.prompt)
-        chunk = self.config.chunk
-        P = prompt_bucket(n)
-        P = -(-P // min(chunk, P)) * min(chunk, P)
-        chunk = min(chunk, P & -P)
-        prompt = np.zeros((1, P), np.int32)
-        prompt[0, :n] = req.prompt
+    def _prefill_some(self) -> None:
+        """Prefill chunks (oldest request first) up to `prefill_budget` tokens per iteration;
+        a finished prefill samples its first token and takes the next free row."""
+        budget = self.config.prefill_budget
+        while self._prefilling and budget > 0:
+            p = self._prefilling[0]
+            c, n = p.done_chunks, len(p.req.prompt)
+            toks = jnp.asarray(p.prompt[:, c * p.chunk : (c + 1) * p.chunk])
+            t0 = time.perf_counter()
+            p.cache, p.last_h = _chunk_jit(self.params, self.cfg, toks, jnp.asarray([n], jnp.int32),
+                                           jnp.int32(c), p.cache, p.last_h)  # fmt: skip
+            jax.block_until_ready(p.last_h)
+            dt = time.perf_counter() - t0
+            if not self._note_compile(("chunk", p.chunk), dt):
+                self.metrics.prefill_s += dt
+            p.done_chunks += 1
+            budget -= p.chunk
+            if p.finished:
+                self._prefilling.popleft()
+                self._start(p)
+
+    def _start(self, p: _Prefill) -> None:
+        """The prefilled request's first token, and its row in the decode state."""
+        req, n = p.req, len(p.req.prompt)
         sp = SamplingParams.make(1, req.temperature, req.top_k, req.top_p)
-        args = (jnp.asarray(prompt), jnp.asarray([n], jnp.int32), jax.random.key(req.seed), sp,
-                jnp.asarray([req.max_tokens], jnp.int32))  # fmt: skip
         t0 = time.perf_counter()
-        C = self.config.max_context
-        row = _row_state_jit(self.params, self.draft, *args, spec=self.state_spec, context=C,
-                             slots=self.slots, chunk=chunk)  # fmt: skip
-        first = int(row.tokens[0, 0])  # the sync: the prefill is done
+        row = _start_jit(self.params, self.draft, p.cache, p.last_h, jnp.asarray(p.prompt),
+                         jax.random.key(req.seed), sp, jnp.asarray([req.max_tokens], jnp.int32),
+                         spec=self.state_spec, context=self.config.max_context,
+                         chunk=p.chunk)  # fmt: skip
+        first = int(row.tokens[0, 0])  # the sync
         dt = time.perf_counter() - t0
-        if not self._note_compile(("prefill", P, chunk), dt):
+        if not self._note_compile(("start", p.prompt.shape[1], p.chunk), dt):
             self.metrics.prefill_s += dt
+        slot = len(self._active)  # active rows are packed: 0 .. n-1
+        if slot == self.rows:  # the next bucket up
+            self._resize(self._bucket(slot + 1))
         t0 = time.perf_counter()
         self.state = _insert_jit(self.state, row, jnp.int32(slot), self.axes)
         self._note_compile(("insert", self.rows), time.perf_counter() - t0)

@@ -56,7 +56,10 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="prompt + generated tokens per request")  # fmt: skip
     p.add_argument("--max-queue", type=int, default=64,
                    help="queued requests before 429 Too Many Requests")  # fmt: skip
-    p.add_argument("--admit-per-step", type=int, default=4, help="prefills between two steps")
+    p.add_argument("--admit-per-step", type=int, default=4,
+                   help="prefills started between two steps")  # fmt: skip
+    p.add_argument("--prefill-budget", type=int, default=256,
+                   help="prompt tokens prefilled between two decode steps")  # fmt: skip
     p.add_argument(
         "--no-gate",
         action="store_true",
@@ -125,6 +128,7 @@ def build_engine(args, model):
         raise InputError(f"--expected-tau must be > 0, got {args.expected_tau}")
     config = EngineConfig(max_batch=args.max_batch, max_context=args.max_context,
                           max_queue=args.max_queue, admit_per_step=args.admit_per_step,
+                          prefill_budget=args.prefill_budget,
                           gate=not args.no_gate, expected_tau=args.expected_tau)  # fmt: skip
     config.validate(model.cfg)
     spec_for, draft = spec_for_args(args, model, config.max_context)
