@@ -8,12 +8,10 @@ import importlib.util
 import json
 import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-import uvicorn
+from serving_helpers import Running
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -141,21 +139,10 @@ def make_app() -> Starlette:
 
 @pytest.fixture(scope="module")
 def server():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     app = make_app()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "fake server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", app.state.fake
-    srv.should_exit = True
-    thread.join(timeout=5)
+    run = Running(app, lifespan="off", timeout=10)
+    yield run.url, app.state.fake
+    run.close(timeout=5)
 
 
 @pytest.fixture

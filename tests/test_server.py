@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,8 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
+
+from serving_helpers import Running, free_port  # noqa: E402
 
 from jaxspec.drafting import NgramConfig  # noqa: E402
 from jaxspec.runner import GenerateOptions, Runner  # noqa: E402
@@ -43,32 +44,6 @@ PROMPTS = [
 MAX = 40
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A uvicorn server in a thread (in-process), stopped like SIGTERM would."""
-
-    def __init__(self, server: Server):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(server.app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.uv = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uv.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 60
-        while not self.uv.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.uv.should_exit = True
-        self.thread.join(60)
-
-
 @pytest.fixture(scope="module")
 def real(smollm2):
     """SmolLM2 behind the server: SSSD (6 draft tokens) at batch buckets 1-2, AR at 4."""
@@ -80,7 +55,7 @@ def real(smollm2):
 
     engine = Engine(smollm2.params, cfg, EngineConfig(max_batch=4, max_context=512),
                     spec_for=spec_for)  # fmt: skip
-    run = Running(Server(engine, smollm2.tokenizer, smollm2.name))
+    run = Running(Server(engine, smollm2.tokenizer, smollm2.name).app)
     yield smollm2, engine, run
     run.close()
 
@@ -271,7 +246,7 @@ def _tiny_server(config: EngineConfig, delay: float = 0.0, gate: threading.Event
         step()
 
     engine._iteration = slow_iteration
-    return engine, Running(Server(engine, None, "tiny"))
+    return engine, Running(Server(engine, None, "tiny").app)
 
 
 def test_queue_full_gives_429():
