@@ -495,7 +495,7 @@ class Engine:
                          jax.random.key(req.seed), sp, jnp.asarray([req.max_tokens], jnp.int32),
                          spec=self.state_spec, context=self.config.max_context,
                          chunk=p.chunk)  # fmt: skip
-        first = int(row.tokens[0, 0])  # the sync
+        first, done = jax.device_get((row.tokens[0, 0], row.done[0]))  # one sync
         dt = time.perf_counter() - t0
         if not self._note_compile(("start", p.prompt.shape[1], p.chunk), dt):
             self.metrics.prefill_s += dt
@@ -509,7 +509,7 @@ class Engine:
         self._active[slot] = req
         self.metrics.active_slots = len(self._active)
         self.metrics.prompt_tokens += n
-        self._deliver(req, [first], bool(row.done[0]))
+        self._deliver(req, [int(first)], bool(done))
 
     def _decode_step(self) -> None:
         b = self.rows
