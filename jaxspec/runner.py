@@ -77,10 +77,13 @@ class Runner:
     batch then runs the configuration of its bucket (None: autoregressive), one compile per
     bucket; context = padded prompt length + output buffer."""
 
-    def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None, mesh=None):
+    def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None, mesh=None,
+                 time_phases: bool = True):  # fmt: skip
         """`mesh` (`jaxspec.sharding.make_mesh`): params sharded by the rules, each batch's rows
-        over `data` (the batch is padded to a multiple of it); None: one device."""
-        self.mesh = mesh
+        over `data` (the batch is padded to a multiple of it); None: one device.
+        `time_phases`: time the draft and verify phases of each speculative bucket apart (the
+        draft/verify split of the metrics; extra compiles); off for studies of tokens per step."""
+        self.mesh, self.time_phases = mesh, time_phases
         if mesh is not None:
             params = sharding.shard_params(params, cfg, mesh)
             if isinstance(draft_params, Params):  # a draft model (not an n-gram datastore)
@@ -210,12 +213,13 @@ class Runner:
                                 "batch_decode_s": t2 - t1} for i in range(n)]  # fmt: skip
             m.target_steps += int(state.steps)
             m.new_tokens += int(n_out[:n].sum())
-            if spec is not None:
+            if spec is not None and self.time_phases:
                 t_draft, t_verify, c_s = self._phase_times(state, (spec, B, P, out_len, chunk),
                                                            spec)  # fmt: skip
                 m.compile_s += c_s
                 m.draft_s += t_draft * int(state.steps)
                 m.verify_s += t_verify * int(state.steps)
+            if spec is not None:
                 live = int(np.asarray(state.live_steps)[:n].sum())
                 live_steps += live
                 drafted += live * spec.num_speculated

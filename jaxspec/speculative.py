@@ -67,6 +67,9 @@ class SpecConfig:
     ngram: NgramConfig | None = None
     # MagicDec: the draft reads a compact sink + sliding-window cache (`jaxspec.magicdec`)
     magicdec: MagicDec | None = None
+    # spechub: a 2-child node uses SpecHub where the draft's q(argmax) >= this, SWOR elsewhere
+    # (0: SpecHub at every 2-child node; > 1: never). Drafter and verifier read the same value.
+    hub_threshold: float = rules.HUB_THRESHOLD
 
     def __post_init__(self):
         if self.verifier not in VERIFIERS:
@@ -83,6 +86,8 @@ class SpecConfig:
             if self.magicdec.self_draft and self.draft != self.target:
                 raise ConfigError("MagicDec self-speculation drafts with the target's own weights: "
                                   "the draft config must be the target's")  # fmt: skip
+        if not self.hub_threshold >= 0:
+            raise ConfigError(f"hub_threshold must be >= 0, got {self.hub_threshold}")
         if self.draft.vocab_size != self.target.vocab_size:
             raise ConfigError(
                 f"draft vocabulary ({self.draft.vocab_size}) differs from the target's "
@@ -153,7 +158,8 @@ def _draw_children(spec: SpecConfig, z, fanout: np.ndarray, key):
     kids = kids.reshape(B, n, k)
     if spec.verifier == "spechub" and (fanout == 2).any():
         # 2-child nodes: a SpecHub pair where the draft is peaked (flag = f(q) only), else SWOR
-        pair = proposals.draw_select(flat, key, rules.hub_flag(flat)).reshape(B, n, 2)
+        use_hub = rules.hub_flag(flat, spec.hub_threshold)
+        pair = proposals.draw_select(flat, key, use_hub).reshape(B, n, 2)
         pair = jnp.pad(pair, ((0, 0), (0, 0), (0, k - 2)), constant_values=-1)
         kids = jnp.where(jnp.asarray(fanout == 2)[None, :, None], pair, kids)
     return kids
@@ -228,7 +234,8 @@ def _node_result(spec: SpecConfig, logits_t, zq_node, kid_tok, n_kids, sp: Sampl
         return rules.rrs(p, zq_node, kid_tok)
     res = rules.swor(p, zq_node, kid_tok)
     if spec.verifier == "spechub" and spec.tree.max_width >= 2:
-        hub = rules.select_rule(p, zq_node, kid_tok[:, :2])  # same flag as the drafter's
+        # the drafter's flag, recomputed from the same stored q and threshold
+        hub = rules.select_rule(p, zq_node, kid_tok[:, :2], threshold=spec.hub_threshold)
         hub = hub.replace(accept=jnp.pad(hub.accept, ((0, 0), (0, kid_tok.shape[1] - 2))))
         two = (n_kids == 2)[:, None]
         res = jax.tree.map(lambda h, s: jnp.where(two, h, s), hub, res)

@@ -112,6 +112,55 @@ def test_bad_inputs():
         SequoiaDP((0.5,), 4, 3, 1).tree(5, 3)
 
 
+# ----------------------------------------------------------------------------- SpecHub's DP
+
+from jaxspec.trees.sequoia import HubDP, hub_tree_value  # noqa: E402
+
+
+def hub_nested_value(children, s, h1, h2) -> float:
+    rates = (s,) if len(children) == 1 else (h1, h2)
+    return 1.0 + sum(
+        r * hub_nested_value(c, s, h1, h2) for r, c in zip(rates, children, strict=False)
+    )
+
+
+@pytest.mark.parametrize("s,h1,h2", [(0.55, 0.5, 0.17), (0.3, 0.25, 0.2), (0.9, 0.6, 0.3),
+                                     (0.5, 0.5, 0.0)])  # fmt: skip
+def test_hub_dp_equals_brute_force(s, h1, h2):
+    """Every ordered binary tree up to 9 nodes, valued with the lone-child rate s and the pair
+    rates (h1, h2): the DP finds the best, and its tree has that value."""
+    dp = HubDP(s, h1, h2, 9, 5)
+    for n in range(1, 10):
+        for d in range(1, 6):
+            trees = ordered_trees(n, d, 2)
+            if not trees:
+                assert dp.value(n, d) == -np.inf
+                continue
+            brute = max(hub_nested_value(t, s, h1, h2) for t in trees)
+            assert dp.value(n, d) == pytest.approx(brute, abs=1e-12), (n, d)
+            tree = dp.tree(n, d)
+            assert tree.num_nodes == n and tree.max_depth <= d - 1
+            assert hub_tree_value(tree, s, h1, h2) == pytest.approx(brute, abs=1e-12)
+
+
+def test_hub_dp_is_the_plain_dp_when_siblings_do_not_matter():
+    """With h1 = s the pair's first child accepts as a lone child does: the plain fan-out-2 DP."""
+    plain, hub = SequoiaDP((0.55, 0.17), 12, 6, 2), HubDP(0.55, 0.55, 0.17, 12, 6)
+    assert np.allclose(plain.values()[1:, 1:], hub._solved[0][1:, 1:])
+
+
+def test_hub_dp_values_a_lone_child_by_s():
+    """ALGORITHMS.md §3(b): the plain DP undervalues one-child nodes under SpecHub. With a lone
+    child rate well above the pair's first, the 4-node optimum is a chain, not a pair."""
+    dp = HubDP(0.8, 0.5, 0.2, 4, 4)
+    assert dp.tree(4, 4).max_width == 1
+    assert dp.value(4, 4) == pytest.approx(1 + 0.8 + 0.64 + 0.512)
+    with pytest.raises(ConfigError, match="h1 \\+ h2"):
+        HubDP(0.5, 0.7, 0.4, 4, 4)
+    with pytest.raises(ConfigError, match="fan-out"):
+        hub_tree_value(SequoiaDP((0.5, 0.2, 0.1), 5, 3, 3).tree(4, 2), 0.5, 0.4, 0.2)
+
+
 # ----------------------------------------------------------------------------- the optimiser
 
 from jaxspec.trees.sequoia import choose_tree, topology_table  # noqa: E402

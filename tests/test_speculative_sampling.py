@@ -51,10 +51,11 @@ def exact_joint(params, prompt=PROMPT) -> np.ndarray:
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sample_system(verifier, tree, key=0, ngram=None, prompt=PROMPT, ds=None) -> np.ndarray:
+def sample_system(verifier, tree, key=0, ngram=None, prompt=PROMPT, ds=None, **spec_kw
+                  ) -> np.ndarray:  # fmt: skip
     P = 8
     prompts = jnp.zeros((N_ROWS, P), jnp.int32).at[:, : len(prompt)].set(jnp.asarray(prompt))
-    spec = SpecConfig(CFG, CFG, tree, verifier, ngram=ngram)
+    spec = SpecConfig(CFG, CFG, tree, verifier, ngram=ngram, **spec_kw)
     draft = ds if ngram is not None else DRAFT
     st = spec_generate(TARGET, draft, prompts, jnp.full((N_ROWS,), len(prompt)),
                        jax.random.key(key), SamplingParams.make(N_ROWS, TEMP, 0, TOP_P),
@@ -83,6 +84,15 @@ def joint():
 def test_joint_of_first_three_tokens_matches_target(verifier, tree):
     t = {"chain2": chain(2), "kary2x2": kary(2, 2)}[tree]
     ok, chi2, dof = chi_square_ok(sample_system(verifier, t), joint())
+    assert ok, (chi2, dof)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 2.0])
+def test_joint_with_spechub_everywhere_or_nowhere(threshold):
+    """The per-node switch at its extremes: SpecHub pairs at every 2-child node (0) and none (2,
+    all SWOR); the default 0.3 mixes both in the test above."""
+    ok, chi2, dof = chi_square_ok(sample_system("spechub", kary(2, 2), hub_threshold=threshold),
+                                  joint())  # fmt: skip
     assert ok, (chi2, dof)
 
 

@@ -123,29 +123,117 @@ class SequoiaDP:
             y = int(arg_y[m, lv, b])
             return children(y, lv, b - 1) + [children(m - y, lv - 1, int(sub_b[m, lv, b]))]
 
-        nested = children(n, d, int(top_b[n, d]))
-        parents, queue = [-1], [(0, nested)]
-        while queue:  # breadth-first: canonical level-order numbering
-            nxt = []
-            for node, kids in queue:
-                for sub in kids:
-                    parents.append(node)
-                    nxt.append((len(parents) - 1, sub))
-            queue = nxt
-        return TreeSpec(tuple(parents))
+        return _level_order(children(n, d, int(top_b[n, d])))
 
     def _check(self, n: int, d: int):
-        if not (1 <= n <= self.max_nodes and 1 <= d <= self.max_depth):
-            raise ConfigError(
-                f"tree size {n} / depth {d} outside the solved table "
-                f"(1..{self.max_nodes} nodes, 1..{self.max_depth} levels)"
-            )
+        _check_size(n, d, self.max_nodes, self.max_depth)
 
 
 def best_tree(p, n: int, d: int, max_width: int | None = None) -> TreeSpec:
     """The DP-optimal tree of n nodes (root included) and at most d levels for acceptance p."""
     dp = SequoiaDP(tuple(float(x) for x in p), n, d, max_width or len(p))
     return dp.tree(n, d)
+
+
+def hub_tree_value(tree: TreeSpec, s: float, h1: float, h2: float) -> float:
+    """G(T) of a tree with fan-out <= 2 under SpecHub verification: a lone child is accepted with
+    the single-draft rate s, the children of a 2-child node (a hub pair) with h1 and h2."""
+    if tree.max_width > 2:
+        raise ConfigError(f"SpecHub trees have fan-out <= 2, got {tree.max_width}")
+    val = np.ones(tree.num_nodes)
+    for i in range(1, tree.num_nodes):
+        par = tree.parents[i]
+        rate = s if tree.num_children[par] == 1 else (h1, h2)[int(tree.rank[i])]
+        val[i] = val[par] * rate
+    return float(val.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class HubDP:
+    """Sequoia's DP for binary SpecHub trees (ALGORITHMS.md §3(b)). The plain DP assumes a
+    child's acceptance does not depend on its siblings; under SpecHub a lone child is verified by
+    the single-draft rule (rate s = SWOR's p_1) while a hub pair's children accept with (h1, h2):
+
+        G(1, l) = 1
+        G(m, l) = max(1 + s · G(m − 1, l − 1),
+                      max_{1 ≤ y ≤ m − 2} 1 + h1 · G(y, l − 1) + h2 · G(m − 1 − y, l − 1))
+
+    Sizes and levels count the root, as in `SequoiaDP`."""
+
+    s: float
+    h1: float
+    h2: float
+    max_nodes: int
+    max_depth: int
+
+    def __post_init__(self):
+        if self.max_nodes < 1 or self.max_depth < 1:
+            raise ConfigError(f"HubDP needs max_nodes, max_depth >= 1, got {self.max_nodes}, "
+                              f"{self.max_depth}")  # fmt: skip
+        rates = (self.s, self.h1, self.h2)
+        if min(rates) < 0 or self.s > 1 + 1e-9 or self.h1 + self.h2 > 1 + 1e-6:
+            raise ConfigError(f"acceptance rates must be >= 0 with s <= 1 and h1 + h2 <= 1, got "
+                              f"s = {self.s}, h1 = {self.h1}, h2 = {self.h2}")  # fmt: skip
+
+    @functools.cached_property
+    def _solved(self):
+        M, D = self.max_nodes, self.max_depth
+        g = np.full((M + 1, D + 1), NEG)
+        split = np.full((M + 1, D + 1), -1, np.int64)  # 0: a lone child; y >= 1: a pair (y, rest)
+        g[1, 1:] = 1.0
+        for lv in range(2, D + 1):
+            for m in range(2, M + 1):
+                if g[m - 1, lv - 1] > NEG:
+                    g[m, lv], split[m, lv] = 1.0 + self.s * g[m - 1, lv - 1], 0
+                for y in range(1, m - 1):
+                    a, b = g[y, lv - 1], g[m - 1 - y, lv - 1]
+                    if a == NEG or b == NEG:
+                        continue
+                    v = 1.0 + self.h1 * a + self.h2 * b
+                    if v > g[m, lv] + 1e-15:
+                        g[m, lv], split[m, lv] = v, y
+        return g, split
+
+    def value(self, n: int, d: int) -> float:
+        """G*(n, d) under SpecHub verification."""
+        _check_size(n, d, self.max_nodes, self.max_depth)
+        return float(self._solved[0][n, d])
+
+    def tree(self, n: int, d: int) -> TreeSpec:
+        """The optimal binary tree of n nodes and at most d levels."""
+        _check_size(n, d, self.max_nodes, self.max_depth)
+        g, split = self._solved
+        if g[n, d] == NEG:
+            raise ConfigError(f"no tree of {n} nodes fits in {d} levels")
+
+        def children(m: int, lv: int) -> list:
+            if m == 1:
+                return []
+            y = int(split[m, lv])
+            if y == 0:
+                return [children(m - 1, lv - 1)]
+            return [children(y, lv - 1), children(m - 1 - y, lv - 1)]
+
+        return _level_order(children(n, d))
+
+
+def _level_order(nested: list) -> TreeSpec:
+    """A `TreeSpec` from nested child lists, nodes numbered breadth-first (canonical)."""
+    parents, queue = [-1], [(0, nested)]
+    while queue:
+        nxt = []
+        for node, kids in queue:
+            for sub in kids:
+                parents.append(node)
+                nxt.append((len(parents) - 1, sub))
+        queue = nxt
+    return TreeSpec(tuple(parents))
+
+
+def _check_size(n: int, d: int, max_nodes: int, max_depth: int):
+    if not (1 <= n <= max_nodes and 1 <= d <= max_depth):
+        raise ConfigError(f"tree size {n} / depth {d} outside the solved table "
+                          f"(1..{max_nodes} nodes, 1..{max_depth} levels)")  # fmt: skip
 
 
 # ---- the hardware-aware optimiser --------------------------------------------------------------
