@@ -3,7 +3,9 @@ count must be set before JAX starts, so it cannot share the test process).
 
 Greedy decoding of a tiny random model: AR, a k-ary token tree with a separate random draft, and
 SSSD n-gram drafting, unsharded and on the meshes (data, model) = (8,1), (4,2), (2,4), (1,8)
-(and, for the tree, (data, model, seq) = (2, 1, 4));
+(and, for the tree, (data, model, seq) = (2, 1, 4)); MagicDec self-speculation (a k-ary tree on
+the compact sink + window draft cache) on (4, 2), (2, 1, 4) and (1, 2, 4): the target's KV
+slots over `seq`, the small compact cache replicated over it;
 then the clear errors. Prints one JSON object: per method and mesh the tokens and on how many
 devices the KV cache lived.
 """
@@ -27,6 +29,7 @@ from sharding_cases import CFG, MESHES, OUT, B, inputs, outputs  # noqa: E402
 from jaxspec import sharding  # noqa: E402
 from jaxspec.drafting.ngram import NgramConfig  # noqa: E402
 from jaxspec.errors import ConfigError  # noqa: E402
+from jaxspec.magicdec import MagicDec  # noqa: E402
 from jaxspec.sampling import SamplingParams  # noqa: E402
 from jaxspec.speculative import SpecConfig, spec_decode, spec_generate, spec_prefill_jit  # noqa: E402
 from jaxspec.testing import TINY, tiny_model  # noqa: E402
@@ -103,14 +106,15 @@ def main() -> None:
         "sssd": SpecConfig(
             CFG, CFG, chain(0), "greedy", ngram=NgramConfig(num_nodes=6, branch_length=3)
         ),  # fmt: skip
+        "magicdec": SpecConfig(CFG, CFG, kary(2, 2), "greedy", magicdec=MagicDec(12, sink=2)),
     }
+    meshes = {"tree": (*MESHES, (2, 1, 4)), "magicdec": ((4, 2), (2, 1, 4), (1, 2, 4))}
     out = {"devices": jax.device_count(), "runs": {}}
     for name, spec in specs.items():
-        d = None if name == "ar" else (None if name == "sssd" else draft)
+        d = {"ar": None, "sssd": None, "magicdec": params}.get(name, draft)
         base = outputs(run(spec, params, d))
         res = {"unsharded": base}
-        seq = ((2, 1, 4),) if name == "tree" else ()  # the KV cache's slots over `seq`
-        for shape in (*MESHES, *seq):
+        for shape in meshes.get(name, MESHES):  # (d, m, s): the KV cache's slots over `seq`
             mesh = sharding.make_mesh(*shape)
             st = run(spec, params, d, mesh)
             tag = "x".join(map(str, shape))

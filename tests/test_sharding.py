@@ -1,5 +1,6 @@
 """Sharding (`jaxspec.sharding`): sharded == unsharded tokens on 8 simulated CPU devices for AR,
-a token tree with a separate draft and SSSD n-gram drafting, on the meshes (data, model) = (8,1),
+a token tree with a separate draft, SSSD n-gram drafting and MagicDec (its compact draft cache
+next to a target cache over `seq`), on the meshes (data, model) = (8,1),
 (4,2), (2,4), (1,8), and for the tree with the KV sequence over `seq` (2,1,4); the KV cache
 really is spread over the devices; a state placed by `shard_state` decodes to the same tokens
 with the draft replicated; two processes give the same tokens; orbax restores into shardings;
@@ -31,13 +32,17 @@ def worker():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("method", ["ar", "tree", "sssd"])
+DM = ("8x1", "4x2", "2x4", "1x8")
+MESHES = {"ar": DM, "sssd": DM, "tree": (*DM, "2x1x4"), "magicdec": ("4x2", "2x1x4", "1x2x4")}
+
+
+@pytest.mark.parametrize("method", list(MESHES))
 def test_sharded_equals_unsharded(worker, method):
     assert worker["devices"] == 8
     runs = worker["runs"][method]
     base = runs["unsharded"]
     assert sum(len(r) for r in base) > 8  # rows produced tokens (not a degenerate comparison)
-    for mesh in ("8x1", "4x2", "2x4", "1x8") + (("2x1x4",) if method == "tree" else ()):
+    for mesh in MESHES[method]:
         assert runs[mesh] == base, f"{method} on mesh {mesh}"
         assert runs[f"{mesh}_cache_devices"] == 8, f"{method} on {mesh}: cache not spread"
 
