@@ -235,7 +235,9 @@ def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: li
     for m in methods:
         spec, draft_params = build_spec(spec_namespace(args, m), model)
         runner = Runner(model.params, model.cfg, spec, draft_params)
-        if m.method == "sssd":
+        if m.method == "sssd" and callable(spec):
+            log(f"{m.name}: {spec.describe()}" + (", with datastore" if draft_params else ""))
+        elif m.method == "sssd":
             ng = spec.ngram if spec is not None else None
             what = "the auto rule predicts no gain: autoregressive"
             if ng is not None:

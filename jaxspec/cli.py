@@ -21,6 +21,8 @@
                          [--drafter layerskip|model|none ...] [--reps R] [--out FILE]
   jaxspec profile topology --acceptance FILE --device FILE [--max-depth D] [--max-width W]
                            [--out FILE]
+  jaxspec profile sssd --prompts-file JSONL [--draft-tokens 1,2,3,...] [--datastore DIR]
+                       [--max-new-tokens N] [--out FILE]
   jaxspec train-draft [--model NAME|DIR] [--out DIR] [--work-dir DIR] [--steps N] ...
   jaxspec serve [--model NAME|DIR] [--method sssd|ar|chain|tree] [--max-batch B]
                 [--max-context C] [--max-queue Q] [--host H] [--port P] ...
@@ -85,8 +87,9 @@ def _add_decoding_args(
                    help="sssd: token datastore (jaxspec datastore build) drafted from besides "
                    "the row's own prompt and output")  # fmt: skip
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
-                   help="sssd: speculated tokens per row and step; auto = SSSD's batch-aware "
-                   "rule from this device's measured FLOP/byte ratio")  # fmt: skip
+                   help="sssd: speculated tokens per row and step; auto = per (batch, context) "
+                   "bucket from the measured tau(N) (`jaxspec profile sssd`) and verify times "
+                   "(`jaxspec profile device`), else SSSD's roofline rule")  # fmt: skip
     p.add_argument("--gamma", type=parse_gamma, default=4, metavar="G|auto", help=gamma_help)
     p.add_argument("--tree", help=tree_help + f" (default {DEFAULT_TREE}; magicdec: a chain of "
                    "--gamma unless a tree is named)")  # fmt: skip
@@ -108,10 +111,12 @@ def _add_decoding_args(
                    "configs/profiles/magicdec__<device>__<model>.toml)")  # fmt: skip
     p.add_argument("--acceptance-profile", metavar="FILE",
                    help="--tree auto: acceptance profile (default: configs/profiles/"
-                   "<target>__<draft>__T<temperature>.toml)")  # fmt: skip
+                   "<target>__<draft>__T<temperature>.toml); sssd --draft-tokens auto: "
+                   "the tau(N) profile (default: <target>__sssd[-ds]__T<temperature>.toml)"
+                   )  # fmt: skip
     p.add_argument("--device-profile", type=Path, metavar="FILE",
-                   help="--tree auto: device timing table (default: configs/profiles/"
-                   "device__<device>__<model>.toml)")  # fmt: skip
+                   help="--tree auto and sssd --draft-tokens auto: device timing table "
+                   "(default: configs/profiles/device__<device>__<model>.toml)")  # fmt: skip
     p.add_argument("--verifier", choices=VERIFIERS,
                    help="default: greedy at T=0, else swor (point_mass for sssd)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -161,6 +166,18 @@ def _add_attention_arg(p: argparse.ArgumentParser):
         help="attention op: auto = the Pallas kernel on a GPU for 16-bit models, else the jnp "
         "reference (the CPU path); pallas forces the kernel (interpret mode off the GPU)",
     )  # fmt: skip
+
+
+def _add_prompt_set_args(p) -> None:
+    """--model and the prompt-set options of the `profile` commands that decode prompts."""
+    from jaxspec.models import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
+    p.add_argument("--prompts-file", type=Path, required=True,
+                   help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
+    p.add_argument("--per-category", type=int, help="use up to N prompts per category")
+    p.add_argument("--limit", type=int, help="use the first N prompts")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,12 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="measure acceptance vectors (Sequoia)")
     psub = pr.add_subparsers(dest="profile_command", required=True)
     pa = psub.add_parser("acceptance", help="positional acceptance vector from one-level trees")
-    pa.add_argument("--model", default=DEFAULT_MODEL, help="registered name or checkpoint dir")
-    pa.add_argument("--prompts-file", type=Path, required=True,
-                    help="JSONL: 'prompt' or 'turns' per line, optional 'category'")  # fmt: skip
-    pa.add_argument("--per-category", type=int, help="use up to N prompts per category")
-    pa.add_argument("--limit", type=int, help="use the first N prompts")
-    pa.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    _add_prompt_set_args(pa)
     pa.add_argument("--width", type=int, default=8, help="children of the root per step (W)")
     _add_draft_args(pa)
     pa.add_argument("--max-new-tokens", type=int, default=64)
@@ -316,6 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--out", type=Path,
                     help="default: configs/profiles/device__<device>__<model>.toml")  # fmt: skip
     _add_common(pd, argparse.SUPPRESS)
+    ps = psub.add_parser("sssd", help="tokens per step tau(N) of SSSD for several N")
+    _add_prompt_set_args(ps)
+    ps.add_argument("--draft-tokens", default="1,2,3,4,6,8,12,15",
+                    help="N values to measure (comma list)")  # fmt: skip
+    ps.add_argument("--datastore", type=Path, help="a `jaxspec datastore build` directory")
+    ps.add_argument("--max-new-tokens", type=int, default=64)
+    ps.add_argument("--temperature", type=float, default=0.0,
+                    help="0 = greedy, else the point-mass rule")  # fmt: skip
+    ps.add_argument("--batch-size", type=int, default=8, help="rows per batch (tau per row)")
+    ps.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ps.add_argument("--out", type=Path,
+                    help="default: configs/profiles/<model>__sssd[-ds]__T<temp>.toml")  # fmt: skip
+    _add_common(ps, argparse.SUPPRESS)
     pt = psub.add_parser("topology", help="Sequoia's optimal tree per (batch, context) bucket")
     pt.add_argument("--acceptance", required=True, help="acceptance profile TOML (or its name)")
     pt.add_argument("--device", type=Path, required=True, help="device timing table TOML")
@@ -588,19 +613,51 @@ def sssd_ngram(draft_tokens: int | None, batch_size: int, dtype: str):
     return NgramConfig(num_nodes=draft_tokens, branch_length=max(tree_depth(draft_tokens + 1), 1))
 
 
+def sssd_auto_tables(args, model, with_datastore: bool):
+    """`--draft-tokens auto` from measurements (`jaxspec.drafting.sssd_auto`): the SssdAuto of
+    the SSSD tau profile (--acceptance-profile, default configs/profiles/<model>__sssd[-ds]__T<T>
+    .toml) and the device timing table (--device-profile, default device__<device>__<model>.toml);
+    None when the default profile files do not exist (then SSSD's roofline rule applies, and a
+    line on stderr says so). Files named explicitly must exist and parse."""
+    from jaxspec.drafting.sssd_auto import load_sssd_auto, sssd_profile_name
+    from jaxspec.profiling import PROFILE_DIR, device_profile_path
+
+    mname = Path(str(model.name)).name
+    given = getattr(args, "acceptance_profile", None)
+    prof = Path(given) if given else PROFILE_DIR / (
+        sssd_profile_name(mname, with_datastore, args.temperature) + ".toml")  # fmt: skip
+    dev = getattr(args, "device_profile", None) or device_profile_path(mname)
+    if not given and not (prof.is_file() and Path(dev).is_file()):
+        missing = prof if not prof.is_file() else dev
+        print(f"sssd --draft-tokens auto: {missing} not found (make it with `jaxspec profile "
+              f"{'sssd' if missing == prof else 'device'}`); using SSSD's roofline rule",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return load_sssd_auto(prof, dev)
+
+
 def build_sssd(args, model):
-    """(SpecConfig, datastore or None) for --method sssd; (None, None) when `auto` picks AR."""
+    """(SpecConfig, datastore or None) for --method sssd; (None, None) when `auto` picks AR.
+    With `--draft-tokens auto` and measured tables (`sssd_auto_tables`), the first item is an
+    `AutoSssdSpecs`: a per-(batch, context) bucket choice the Runner calls."""
     from jaxspec.drafting.datastore import load_datastore
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees import chain
 
     check_sssd_args(args)
     verifier = args.verifier or ("greedy" if args.temperature == 0 else "point_mass")
-    ngram = sssd_ngram(parse_draft_tokens(args.draft_tokens), args.batch_size, args.dtype)
+    n = parse_draft_tokens(args.draft_tokens)
     ds = None
     if args.datastore is not None:
         vocab = model.tokenizer.vocab_size if model.tokenizer is not None else None
         ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
+    if n is None:
+        auto = sssd_auto_tables(args, model, ds is not None)
+        if auto is not None:
+            from jaxspec.drafting.sssd_auto import AutoSssdSpecs
+
+            return AutoSssdSpecs(model.cfg, auto, verifier), ds
+    ngram = sssd_ngram(n, args.batch_size, args.dtype)
     if ngram is None:
         return None, None
     return SpecConfig(model.cfg, model.cfg, chain(0), verifier, ngram=ngram), ds
@@ -701,6 +758,52 @@ def cmd_profile_topology(args) -> int:
     return 0
 
 
+def cmd_profile_sssd(args) -> int:
+    import shlex
+
+    from jaxspec.bench import select_prompts
+    from jaxspec.drafting.datastore import load_datastore, read_meta
+    from jaxspec.drafting.sssd_auto import measure_tau, sssd_profile_name
+    from jaxspec.models import load_model
+    from jaxspec.profiling import PROFILE_DIR, _now, write_toml
+    from jaxspec.runner import GenerateOptions
+
+    ns = _int_list(args.draft_tokens, "--draft-tokens")
+    if args.temperature < 0:
+        raise InputError(f"--temperature must be >= 0, got {args.temperature}")
+    prompts = select_prompts(read_prompt_records(args.prompts_file), args.limit,
+                             args.per_category)  # fmt: skip
+    opts = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           batch_size=args.batch_size)  # fmt: skip
+    opts.validate()
+    if args.datastore is not None:
+        read_meta(args.datastore)  # a bad path or version fails before the model load
+    model = load_model(args.model, args.dtype, progress=True)
+    if model.tokenizer is None:
+        raise InputError(f"{model.path}: no tokenizer.json, cannot encode text prompts")
+    ds = None
+    if args.datastore is not None:
+        ds, _ = load_datastore(args.datastore, expected_vocab=model.tokenizer.vocab_size)
+    ids = [model.tokenizer.encode(t, chat=not args.no_chat) for t, _ in prompts]
+    tau = measure_tau(model, ids, ns, opts, ds)
+    mname = Path(str(model.name)).name
+    out = args.out or PROFILE_DIR / (
+        sssd_profile_name(mname, ds is not None, args.temperature) + ".toml")  # fmt: skip
+    body = {"model": str(model.name), "datastore": str(args.datastore or ""),
+            "temperature": args.temperature, "prompts_file": str(args.prompts_file),
+            "prompts": len(ids), "max_new_tokens": args.max_new_tokens,
+            "command": shlex.join(["jaxspec", *args.argv]), "created": _now(),
+            "draft_tokens": ns, "tau": [round(t, 4) for t in tau]}  # fmt: skip
+    write_toml(out, body, [
+        "SSSD tokens per target step tau(N) for N draft tokens per row (bonus included).",
+        "Written by `jaxspec profile sssd`; read by --draft-tokens auto (jaxspec/drafting/"
+        "sssd_auto.py).",
+    ])  # fmt: skip
+    print("tau(N): " + ", ".join(f"{n}: {t:.3f}" for n, t in zip(ns, tau, strict=True))
+          + f" -> {out}")  # fmt: skip
+    return 0
+
+
 def cmd_profile(args) -> int:
     import shlex
 
@@ -708,6 +811,8 @@ def cmd_profile(args) -> int:
         return cmd_profile_device(args)
     if args.profile_command == "topology":
         return cmd_profile_topology(args)
+    if args.profile_command == "sssd":
+        return cmd_profile_sssd(args)
 
     from jaxspec.bench import select_prompts
     from jaxspec.models import load_model

@@ -13,8 +13,10 @@ built from a corpus disjoint from these prompts: Python's standard library), thr
 first, compile time never in the timings). Then transformers `generate` on the same weights
 (the HF checkpoint jaxspec converted), greedy and with `prompt_lookup_num_tokens=--pld-tokens`.
 Part 2, batch sweep (`--batch-sizes`): jaxspec `--sweep-methods` throughput on the Spec-Bench
-prompts (aggregate decode tokens/s over the batch); `auto` draft tokens follow SSSD's
-batch-aware rule s(b) (`jaxspec/hardware.py`).
+prompts (aggregate decode tokens/s over the batch); `auto` draft tokens are chosen per (batch,
+context) bucket from the measured tau(N) profiles (`jaxspec profile sssd`) and the device timing
+table (`jaxspec profile device`, `--device-profile`) — `jaxspec/drafting/sssd_auto.py` —, or
+by SSSD's roofline rule s(b) (`jaxspec/hardware.py`) where those files are missing.
 
 Definitions:
   decode tok/s  jaxspec: Σ (new tokens − 1) ÷ Σ decode seconds (prefill excluded; see
@@ -68,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--device-profile", type=Path,
+                   help="`auto` draft tokens: the device timing table (default: this device's, "
+                   "configs/profiles/device__<device>__<model>.toml)")  # fmt: skip
     p.add_argument("--out", type=Path, help="write the report between the bench_sssd markers")
     return p.parse_args(argv)
 
@@ -93,8 +98,27 @@ def bench_namespace(args, batch_size: int) -> argparse.Namespace:
     return argparse.Namespace(
         gamma=4, tree="kary_2x3", verifier=None, drafter="layerskip", draft=None,
         draft_layers=None, temperature=0.0, dtype="float32", batch_size=batch_size,
-        draft_tokens="auto", datastore=args.datastore,
+        draft_tokens="auto", datastore=args.datastore, acceptance_profile=None,
+        device_profile=args.device_profile,
     )  # fmt: skip
+
+
+def auto_choices(model, args, b: int) -> str:
+    """What `auto` picks at batch b for sssd and sssd-ds: N per context bucket of the measured
+    tables (`jaxspec.drafting.sssd_auto`), else SSSD's roofline rule."""
+    from jaxspec.cli import sssd_auto_tables, sssd_ngram
+
+    out = []
+    for ds in (False, True):
+        tables = sssd_auto_tables(bench_namespace(args, b), model, ds)
+        if tables is None:
+            ng = sssd_ngram(None, b, "float32")
+            out.append(f"{ng.num_nodes if ng else 0} (roofline)")
+        else:
+            cs = [tables.choose(b, c) for c in tables.contexts]
+            out.append("/".join(str(c.draft_tokens) for c in cs)
+                       + f" (ctx {'/'.join(str(c) for c in tables.contexts)})")  # fmt: skip
+    return f"sssd {out[0]}; sssd-ds {out[1]}"
 
 
 def run_jaxspec(model, ids, cats, args, batch_size: int, methods: str) -> dict:
@@ -164,7 +188,8 @@ def report(args, info, part1, hf, sweep, n_prompts) -> str:
         f"HumanEval first {args.humaneval}, raw completion), greedy, fp32, "
         f"{args.max_new_tokens} new tokens, datastore `{info['datastore']}` "
         f"({info['ds_tokens']:,} tokens). `sssd:N` = N draft tokens per step; plain `sssd`: "
-        f"{info['draft_tokens']} (SSSD's rule on this device's measured roofline). "
+        f"auto draft tokens, at batch 1 {info['draft_tokens']} (0 = AR; from the measured "
+        "tau(N) profiles and device timing table where present, else SSSD's roofline rule). "
         "Definitions: the docstring of `scripts/bench_sssd.py`.",
         "",
         "### Batch 1, per category",
@@ -237,7 +262,6 @@ def main(argv=None) -> int:
     import jax
 
     from jaxspec.bench import aggregate, machine_info, machine_line, speedup, write_section
-    from jaxspec.cli import sssd_ngram
     from jaxspec.drafting.datastore import read_meta
     from jaxspec.models import load_model
 
@@ -252,8 +276,7 @@ def main(argv=None) -> int:
     sweep = {}
     sb = [i for i, c in enumerate(cats) if c != "humaneval"]
     for b in batch_sizes:
-        ng = sssd_ngram(None, b, "float32")
-        ntok = ng.num_nodes if ng else "0 (AR)"
+        ntok = auto_choices(model, args, b)
         log(f"batch {b}: auto draft tokens {ntok}")
         if b == 1 and set(args.sweep_methods.split(",")) <= set(part1):
             res = {}  # part 1's Spec-Bench categories (HumanEval left out, as at other b)
@@ -267,7 +290,6 @@ def main(argv=None) -> int:
             res = run_jaxspec(model, [ids[i] for i in sb], [None] * len(sb), args, b,
                               args.sweep_methods)  # fmt: skip
         sweep[b] = (res, ntok)
-    ng1 = sssd_ngram(None, 1, "float32")
     info = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine_line(machine_info()),
@@ -275,7 +297,7 @@ def main(argv=None) -> int:
         "command": "python scripts/bench_sssd.py " + shlex.join(argv or sys.argv[1:]),
         "datastore": ds_meta.get("corpus", args.datastore),
         "ds_tokens": ds_meta["num_tokens"],
-        "draft_tokens": f"auto = {ng1.num_nodes if ng1 else 0} at batch 1",
+        "draft_tokens": auto_choices(model, args, 1),
         "cats": cats,
     }
     md = report(args, info, part1, hf, sweep, len(ids))

@@ -24,7 +24,18 @@ spec.loader.exec_module(bm)
 CFG = dataclasses.replace(TINY, eos_token_ids=())
 
 
-@pytest.mark.parametrize("verifier,threshold", [("rrs", 0.0), ("spechub", 0.0), ("spechub", 0.3)])
+# One configuration in the default suite (the per-node switch); the other two only with -m slow.
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "verifier,threshold",
+    [
+        pytest.param("rrs", 0.0, marks=SLOW),
+        pytest.param("spechub", 0.0, marks=SLOW),
+        ("spechub", 0.3),
+    ],
+)
 def test_one_configuration_on_a_tiny_model(verifier, threshold):
     model = types.SimpleNamespace(params=init_params(CFG, jax.random.key(0)), cfg=CFG)
     draft = init_params(CFG, jax.random.key(1))

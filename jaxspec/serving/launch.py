@@ -38,7 +38,8 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="speculation (default sssd: model-free, batch-aware)")  # fmt: skip
     p.add_argument("--datastore", metavar="DIR", help="SSSD token datastore")
     p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
-                   help="SSSD draft tokens per row (auto: s(b) per batch bucket)")  # fmt: skip
+                   help="SSSD draft tokens per row (auto: per bucket from `jaxspec profile sssd` "
+                   "and `profile device` tables when present, else SSSD's s(b))")  # fmt: skip
     _add_draft_args(p)
     p.add_argument("--gamma", type=int, default=4, help="chain length for --method chain")
     p.add_argument("--tree", help="tree for --method tree (a name, a file, or auto)")
@@ -95,7 +96,18 @@ def spec_for_args(args, model, context: int):
             vocab = model.tokenizer.vocab_size if model.tokenizer is not None else None
             ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
 
+        auto = None
+        if n is None:
+            from jaxspec.cli import sssd_auto_tables
+            from jaxspec.drafting.sssd_auto import AutoSssdSpecs
+
+            args.temperature = args.profile_temperature  # the tau profile's temperature
+            tables = sssd_auto_tables(args, model, ds is not None)
+            auto = tables and AutoSssdSpecs(model.cfg, tables, "point_mass")
+
         def sssd(b: int):
+            if auto is not None:
+                return auto(b, context)
             ngram = sssd_ngram(n, b, args.dtype)
             if ngram is None:
                 return None
