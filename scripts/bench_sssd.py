@@ -99,7 +99,7 @@ def bench_namespace(args, batch_size: int) -> argparse.Namespace:
         gamma=4, tree="kary_2x3", verifier=None, drafter="layerskip", draft=None,
         draft_layers=None, temperature=0.0, dtype="float32", batch_size=batch_size,
         draft_tokens="auto", datastore=args.datastore, acceptance_profile=None,
-        device_profile=args.device_profile,
+        device_profile=args.device_profile, draft_budget=None, sink=16, draft_builder="copy",
     )  # fmt: skip
 
 

@@ -150,3 +150,37 @@ def test_profile_sssd_cli_and_auto_generate(smollm2, tmp_path, capsys):
     assert json.loads(res.out)["results"][0]["token_ids"] == want
     code = main([*common, "--method", "sssd", "--acceptance-profile", str(tmp_path / "no.toml")])
     assert code == 2 and "no.toml" in capsys.readouterr().err
+
+
+def test_bench_sssd_script_namespace_and_auto_choices(tmp_path, capsys):
+    """`scripts/bench_sssd.py` hands `jaxspec.bench` a namespace with every attribute it reads,
+    and reports the auto choice per context bucket (tables) or the roofline rule (none)."""
+    import importlib.util
+    from pathlib import Path
+
+    from jaxspec.bench import parse_methods, spec_namespace
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_sssd.py"
+    spec = importlib.util.spec_from_file_location("bench_sssd", path)
+    bs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bs)
+    dev = write_device_profile(tmp_path / "dev.toml", {
+        "batches": [1, 8], "contexts": [256, 1024], "tokens": [1, 8],
+        "target_s": [[[0.01, 0.011], [0.01, 0.02]], [[0.01, 0.08], [0.01, 0.08]]]}, {})  # fmt: skip
+    args = bs.parse_args(["--datastore", str(tmp_path), "--device-profile", str(dev)])
+    for m in parse_methods(args.methods) + parse_methods(args.sweep_methods):
+        ns = spec_namespace(bs.bench_namespace(args, 8), m)
+        assert ns.method in ("ar", "sssd") and ns.device_profile == dev
+    model = types.SimpleNamespace(name="tiny-not-profiled")
+    assert bs.auto_choices(model, args, 1).count("(roofline)") == 2
+    assert "not found" in capsys.readouterr().err
+    for name in ("tiny-not-profiled__sssd__T0", "tiny-not-profiled__sssd-ds__T0"):
+        write_toml(bs.REPO / "configs" / "profiles" / f"{name}.toml",
+                   {"draft_tokens": [6], "tau": [1.5]}, [])  # fmt: skip
+    try:
+        got = bs.auto_choices(model, args, 1)
+    finally:
+        for name in ("tiny-not-profiled__sssd__T0", "tiny-not-profiled__sssd-ds__T0"):
+            (bs.REPO / "configs" / "profiles" / f"{name}.toml").unlink()
+    # ctx 256: 1.5·0.01/0.0107 = 1.4 -> N = 6; ctx 1024: 1.5·0.01/0.0171 < 1 -> AR
+    assert got == "sssd 6/0 (ctx 256/1024); sssd-ds 6/0 (ctx 256/1024)"
