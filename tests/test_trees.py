@@ -24,6 +24,7 @@ BUILT = {
     "chain4": chain(4),
     "chain8": chain(8),
     "kary_2x3": kary(2, 3),
+    "kary_3x1": kary(3, 1),
     "kary_4x2": kary(4, 2),
     "irregular_9": from_parents([-1, 0, 0, 0, 1, 1, 2, 4, 4, 5]),
 }
