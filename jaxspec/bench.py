@@ -248,8 +248,11 @@ def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: li
         log(f"{m.name}: warm-up on {plural(len(warm), 'prompt')}, compile {wm.compile_s:.1f} s")
         outputs: list[list[int] | None] = [None] * len(ids)
         per_cat: dict[str | None, Metrics] = {}
+        nodes: dict[int, int] = {}  # tree nodes per step (1 = AR) -> prompts run with it
         for c, idx in groups.items():
             outs, cm = runner.run([ids[i] for i in idx], opts)
+            for row in runner.last_rows:
+                nodes[row["tree_nodes"]] = nodes.get(row["tree_nodes"], 0) + 1
             cm.method = m.name
             for i, o in zip(idx, outs, strict=True):
                 outputs[i] = o
@@ -259,7 +262,9 @@ def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: li
                 + (f", compile {cm.compile_s:.1f} s" if cm.compile_s else ""))  # fmt: skip
         overall = aggregate(list(per_cat.values()), m.name, opts.batch_size)
         overall.compile_s += wm.compile_s
-        results[m.name] = dict(spec=m, overall=overall, per_category=per_cat, outputs=outputs)
+        results[m.name] = dict(spec=m, overall=overall, per_category=per_cat, outputs=outputs,
+                               nodes=dict(sorted(nodes.items())),
+                               per_bucket=callable(spec))  # fmt: skip
     ar = results[methods[0].name]
     for r in results.values():
         r["overall"].speedup_vs_ar = speedup(r["overall"], ar["overall"])
@@ -356,6 +361,11 @@ def report_markdown(report: dict, results: dict) -> str:
         "",
         method_table(results),
     ]
+    mixed = {n: r["nodes"] for n, r in results.items() if r.get("per_bucket")}
+    if mixed:  # per-bucket choices (--tree auto, sssd auto): which sizes ran, on how many prompts
+        lines += ["Per-bucket choices (tokens per row and step, 1 = AR: prompts): " + "; ".join(
+            f"{n}: " + ", ".join(f"{k}: {v}" for k, v in d.items()) for n, d in mixed.items()),
+            ""]  # fmt: skip
     if any(c is not None for c in next(iter(results.values()))["per_category"]):
         lines += ["Per category: speedup vs AR (tau)", "", category_table(results)]
     return "\n".join(lines)
@@ -505,6 +515,7 @@ def cmd_bench(args) -> int:
                     (c or UNCATEGORIZED): metrics_dict(m) for c, m in r["per_category"].items()
                 },
                 "identical_to_ar": r["identical_to_ar"],
+                "tree_nodes": {str(k): v for k, v in r["nodes"].items()},
             }
             for name, r in results.items()
         },

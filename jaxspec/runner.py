@@ -68,6 +68,15 @@ def check_prompts(prompts: list[list[int]], cfg: ModelConfig, max_new_tokens: in
             )
 
 
+def spec_nodes(spec) -> int:
+    """In-flight tokens per row and step of a bucket's configuration, root included (1: AR)."""
+    if spec is None:
+        return 1
+    if spec.ngram is not None:
+        return spec.ngram.num_nodes + 1
+    return spec.tree.num_nodes
+
+
 class Runner:
     """Runs generation over many prompts in batches, keeping compiled executables per bucket.
 
@@ -210,6 +219,7 @@ class Runner:
             outputs += [toks[i, : n_out[i]].tolist() for i in range(n)]
             self.last_rows += [{"new_tokens": int(n_out[i]), "steps": int(rl[i]),
                                 "accepted": int(ra[i]), "batch_size": B,
+                                "tree_nodes": spec_nodes(spec),
                                 "batch_decode_s": t2 - t1} for i in range(n)]  # fmt: skip
             m.target_steps += int(state.steps)
             m.new_tokens += int(n_out[:n].sum())

@@ -60,11 +60,14 @@ def test_bench_on_smollm2(smollm2, tmp_path, capsys):
         for c, cm in m["per_category"].items():
             ar_c = ar["per_category"][c]
             assert cm["speedup_vs_ar"] == pytest.approx(cm["tokens_per_s"] / ar_c["tokens_per_s"])
+        want_nodes = {"ar": "1", "chain:2": "3", "tree:kary_2x3": "15"}[name]
+        assert m["tree_nodes"] == {want_nodes: 3}, name  # tokens per step -> prompts
         if name != "ar":
             assert o["tau"] >= 1.0 and 0.0 <= o["acceptance_rate"] <= 1.0
             assert len(o["per_depth_acceptance"]) >= 2
     assert "| method | tau |" in out and "| chain:2 |" in out and "| **overall** | 3 |" in out
     assert "| mt_bench | 2 |" in out and "| qa | 1 |" in out
+    assert "Per-bucket choices" not in out  # fixed configurations only
     text = md.read_text()
     assert text.startswith("# jaxspec benchmarks\n\nintro\n") and text.endswith("\ntail\n")
     assert text.count("<!-- bench:start -->") == 1 and text.count("<!-- bench:end -->") == 1

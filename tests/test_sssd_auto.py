@@ -117,8 +117,10 @@ def test_auto_specs_decode_as_ar_and_tau_matches_the_runner():
     got, m = runner.run(IDS, opts)
     assert got == want
     assert m.tau == pytest.approx(tau[1])  # measure_tau's tau(3) is the Runner's at N = 3
+    assert [r["tree_nodes"] for r in runner.last_rows] == [4, 4]  # root + 3 draft tokens
     got8, m8 = runner.run(IDS * 4, GenerateOptions(max_new_tokens=16, batch_size=8))
     assert got8 == want * 4 and m8.tau == 1.0
+    assert {r["tree_nodes"] for r in runner.last_rows} == {1}
 
 
 def test_profile_sssd_cli_and_auto_generate(smollm2, tmp_path, capsys):
