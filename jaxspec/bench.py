@@ -168,6 +168,7 @@ def spec_namespace(args, m: MethodSpec) -> argparse.Namespace:
         device_profile=getattr(args, "device_profile", None),
         draft_tokens=m.draft_tokens if m.draft_tokens is not None else args.draft_tokens,
         datastore=args.datastore if m.datastore else None,
+        attention=getattr(args, "attention", "auto"),
     )  # fmt: skip
 
 

@@ -128,8 +128,8 @@ def read_profile(path: str | Path) -> dict:
     """Load and check a profile TOML: `p` a non-empty list of probabilities summing to <= 1."""
     path = Path(path)
     if not path.is_file():
-        cand = PROFILE_DIR / f"{path}.toml"
-        if not path.suffix and cand.is_file():
+        cand = PROFILE_DIR / f"{path}.toml"  # a profile name (its T may hold a dot: T0.6)
+        if path.suffix != ".toml" and cand.is_file():
             path = cand
         else:
             raise ConfigError(f"{path}: no such acceptance profile (make one with "

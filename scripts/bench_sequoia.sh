@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's benchmark: Sequoia `--tree auto` vs chains vs the k-ary tree of auto's node budget,
-# same trained draft, 60 Spec-Bench prompts (10 per category), batch 1 and 8, T = 0 and 0.6.
+# Issue 4's benchmark: Sequoia `--tree auto` vs chains vs the k-ary tree of auto's node budget
+# (KARY_TREE, default kary_3x1), same trained draft, 60 Spec-Bench prompts (10 per category),
+# batch 1 and 8, T = 0 and 0.6.
 #
 #   bash scripts/bench_sequoia.sh OUT_DIR [KARY_TREE]
 #
@@ -28,13 +29,14 @@ for t in 0 0.6; do
     --out "configs/profiles/topology__${device}__smollm2-135m__draft__T$t.toml" | tee "$out/topology_T$t.md"
 done
 prompts=../shared/data/spec_bench/question.jsonl
-for b in 1 8; do
-  for t in 0 0.6; do
-    methods="ar,tree:auto,chain:1,tree:$kary"
-    [[ $t == 0 && $b == 1 ]] && methods="$methods,chain:2"
-    jaxspec bench --prompts-file "$prompts" --per-category 10 "${draft[@]}" \
-      --device-profile "$table" --methods "$methods" --max-new-tokens 64 --batch-size "$b" \
-      --temperature "$t" --out-md "$out/b${b}_T$t.md" --json "$out/b${b}_T$t.json" \
-      2> "$out/b${b}_T$t.log"
-  done
+# Most informative first: batch 1 then 8 greedy, then T = 0.6. At batch 1 also the DP tree of 7
+# nodes for the run's acceptance profile (and, greedy, the complete binary tree of 7 nodes).
+for run in "1 0 chain:2,tree:sequoia7_draft_T0,tree:kary_2x2" "8 0 tree:$kary" \
+           "1 0.6 tree:sequoia7_draft_T06" "8 0.6 "; do
+  read -r b t extra <<< "$run"
+  methods="ar,tree:auto,chain:1${extra:+,$extra}"
+  jaxspec bench --prompts-file "$prompts" --per-category 10 "${draft[@]}" \
+    --device-profile "$table" --methods "$methods" --max-new-tokens 64 --batch-size "$b" \
+    --temperature "$t" --out-md "$out/b${b}_T$t.md" --json "$out/b${b}_T$t.json" \
+    2> "$out/b${b}_T$t.log"
 done

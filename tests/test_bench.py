@@ -84,6 +84,17 @@ def test_parse_methods():
     ]
 
 
+def test_spec_namespace_carries_the_draft_model_options():
+    """What `cli.build_draft` reads for `--drafter model` reaches it (incl. --attention)."""
+    from jaxspec.bench import spec_namespace
+    from jaxspec.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--prompts-file", "q.jsonl", "--drafter", "model",
+                                      "--draft", "d", "--attention", "reference"])  # fmt: skip
+    ns = spec_namespace(args, parse_methods("chain:2")[1])
+    assert (ns.drafter, ns.draft, ns.attention, ns.gamma) == ("model", "d", "reference", 2)
+
+
 def test_select_prompts():
     pairs = [("a", "writing"), ("b", "qa"), ("c", "stem"), ("d", "qa"), ("e", "qa"), ("f", None)]
     recs = [(t, {"category": c}) for t, c in pairs]

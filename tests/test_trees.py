@@ -24,9 +24,13 @@ BUILT = {
     "chain4": chain(4),
     "chain8": chain(8),
     "kary_2x3": kary(2, 3),
+    "kary_2x2": kary(2, 2),
     "kary_3x1": kary(3, 1),
     "kary_4x2": kary(4, 2),
     "irregular_9": from_parents([-1, 0, 0, 0, 1, 1, 2, 4, 4, 5]),
+    # Sequoia's DP trees of 7 nodes for the trained draft's committed acceptance profiles
+    "sequoia7_draft_T0": from_parents([-1, 0, 0, 0, 1, 2, 4]),
+    "sequoia7_draft_T06": from_parents([-1, 0, 0, 0, 1, 1, 2]),
 }
 
 
@@ -221,3 +225,13 @@ def test_unknown_tree_name_lists_available():
         load_tree("nope")
     with pytest.raises(ConfigError, match="missing.toml: tree file not found"):
         load_tree("somewhere/missing.toml")
+
+
+@pytest.mark.parametrize("name,temp", [("sequoia7_draft_T0", "0"), ("sequoia7_draft_T06", "0.6")])
+def test_committed_sequoia_trees_are_the_dp_optimum_of_their_profile(name, temp):
+    from jaxspec.profiling import read_profile
+    from jaxspec.trees.sequoia import SequoiaDP
+
+    p = read_profile(f"smollm2-135m__draft__T{temp}")["p"]  # a profile name with a dot (T0.6)
+    dp = SequoiaDP(tuple(p), 7, 8, len(p))
+    assert load_tree(name) == dp.tree(7, 8)
