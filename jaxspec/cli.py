@@ -601,8 +601,8 @@ def check_sssd_args(args) -> None:
 def sssd_ngram(draft_tokens: int | None, batch_size: int, dtype: str):
     """The n-gram drafter's config: N given, or SSSD's rule s(b) for this device (None = the rule
     predicts no gain: decode autoregressively)."""
-    from jaxspec.drafting import NgramConfig
-    from jaxspec.hardware import measure_roofline, speculation_length, tree_depth
+    from jaxspec.drafting.sssd_auto import ngram_config
+    from jaxspec.hardware import measure_roofline, speculation_length
 
     if draft_tokens is None:
         b = 1 << max(batch_size - 1, 0).bit_length()  # the batch bucket (power of two)
@@ -610,7 +610,7 @@ def sssd_ngram(draft_tokens: int | None, batch_size: int, dtype: str):
         if s <= 1:
             return None
         draft_tokens = s - 1
-    return NgramConfig(num_nodes=draft_tokens, branch_length=max(tree_depth(draft_tokens + 1), 1))
+    return ngram_config(draft_tokens)
 
 
 def sssd_auto_tables(args, model, with_datastore: bool):
