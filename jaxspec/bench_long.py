@@ -159,8 +159,30 @@ class LongBench:
                "decode_runs": len(times), "tau": emitted / live if live else 0.0,
                "steps": int(state.steps),
                "alpha": geometric_alpha(hist) if spec.num_speculated else None,
+               "accept_hist": hist.tolist(),
                "tokens": [toks[i, : n_out[i]].tolist() for i in range(B)]}  # fmt: skip
         del state
+        return out
+
+    def step_times(self, specs: dict, B: int, max_new_tokens: int, reps: int) -> dict:
+        """{γ: median seconds of one whole `spec_step`} for each {γ: spec} (γ = 0: the AR step),
+        timed on a fresh decode state of B rows (after one warm-up step; compile excluded).
+        Step cost is fixed by the shapes, so a few steps time it; acceptance is not involved."""
+        from jaxspec.speculative import spec_step
+
+        p = self.model.params
+        out = {}
+        for g, spec in specs.items():
+            state = self.state(spec, B, max_new_tokens)
+            step = spec_step.lower(p, p, state, spec).compile()
+            state = jax.block_until_ready(step(p, p, state))
+            ts = []
+            for _ in range(max(reps, 5)):
+                t0 = time.perf_counter()
+                state = jax.block_until_ready(step(p, p, state))
+                ts.append(time.perf_counter() - t0)
+            out[g] = float(np.median(ts))
+            del state
         return out
 
     def timings(self, B: int, tokens: list[int], budgets: list[int], reps: int) -> dict:
@@ -203,6 +225,14 @@ def _start_gathered(params_t, params_d, cache, last_h, prompts, idx, key, sampli
     cache = KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
     return spec_start(params_t, params_d, cache, last_h[idx], prompts[idx], key, sampling,
                       max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+
+
+def step_table(steps: dict, batches: list[int], contexts: list[int], budget: int) -> dict:
+    """A `costmodel.StepTiming` table from {context: {batch: {γ: seconds}}}."""
+    gammas = sorted(steps[contexts[0]][batches[0]])
+    grid = [[[steps[c][b][g] for g in gammas] for c in contexts] for b in batches]
+    return {"step_batches": batches, "step_contexts": contexts, "step_gammas": gammas,
+            "step_budget": budget, "step_s": grid}  # fmt: skip
 
 
 def measured_table(timings: dict, batches: list[int], contexts: list[int], tokens: list[int]):
@@ -257,7 +287,7 @@ def cmd_bench_long(args) -> int:
     itemsize = np.dtype(model.params.embed.dtype).itemsize
     tokens = list(range(1, n1 + 1))
     ref_gamma = max(gammas)
-    results, alphas_by_ctx, timings_by_ctx = [], {}, {}
+    results, alphas_by_ctx, timings_by_ctx, hists_by_ctx, steps_by_ctx = [], {}, {}, {}, {}
     t_all = time.perf_counter()
 
     def check(r: dict, ref: dict, where: str) -> None:
@@ -288,14 +318,14 @@ def cmd_bench_long(args) -> int:
         log(f"context {n}: prefilled {D} windows in {bench.prefill_s:.1f} s "
             f"(compile {bench.compile_s:.1f} s)")  # fmt: skip
         ar_ref = bench.run(spec_of(0, 0), D, out_len)
-        alphas = {}
+        alphas, hists = {}, {}
         for K in budgets:
             r = bench.run(spec_of(ref_gamma, K), D, out_len)
             check(r, ar_ref, f"at context {n}, budget {K}")
-            alphas[K] = r["alpha"]
+            alphas[K], hists[K] = r["alpha"], r["accept_hist"]
             log(f"context {n}: budget {K}: alpha {r['alpha']:.3f}, tau {r['tau']:.2f} "
                 f"(γ = {ref_gamma})")  # fmt: skip
-        alphas_by_ctx[n] = alphas
+        alphas_by_ctx[n], hists_by_ctx[n] = alphas, hists
         for B in batches:
             try:
                 # the gathered cache, XLA's working copy of it in the decode loop and the
@@ -307,10 +337,16 @@ def cmd_bench_long(args) -> int:
                 continue
             t = bench.timings(B, tokens, budgets, args.reps)
             timings_by_ctx.setdefault(n, {})[B] = t
+            step = bench.step_times({g: spec_of(g, md0.budget) for g in [0, *gammas]}, B,
+                                    out_len, args.reps)  # fmt: skip
+            steps_by_ctx.setdefault(n, {})[B] = step
             ar = bench.run(spec_of(0, 0), B, out_len)
             table = measured_table({B: t}, [B], sorted(set(budgets) | {n}), tokens)
             timing = costmodel.MeasuredTiming.from_table(table, source="bench")
-            pick = costmodel.choose_speculation(alphas, timing, B, n, gammas=gammas)
+            st = step_table({n: {B: step}}, [B], [n], md0.budget)
+            steps = costmodel.StepTiming.from_table(st, source="bench")
+            pick = costmodel.choose_speculation(alphas, timing, B, n, gammas=gammas, steps=steps,
+                                                hists=hists)  # fmt: skip
             configs = [(g, md0.budget) for g in gammas]
             if pick is not None and (pick.gamma, pick.budget) not in configs:
                 configs.append((pick.gamma, pick.budget))
@@ -318,20 +354,24 @@ def cmd_bench_long(args) -> int:
                    "ar_compile_s": ar["compile_s"], "prefill_s_per_row": bench.prefill_s / D,
                    "pick": None if pick is None else [pick.gamma, pick.budget],
                    "pick_predicted": None if pick is None else pick.speedup,
-                   "t_ar_step_s": t[(n, 1)], "configs": []}  # fmt: skip
+                   "t_ar_step_s": t[(n, 1)], "step_s": {str(g): v for g, v in step.items()},
+                   "configs": []}  # fmt: skip
             for g, K in configs:
                 K_eff = min(K, n)
-                pred = costmodel.speedup_chain(
+                pred_fwd = costmodel.speedup_chain(
                     alphas[K],
                     g,
                     t[(n, 1)],
                     t[(K_eff, 1)] if (K_eff, 1) in t else t[(K, 1)],
                     t[(n, g + 1)],
                 )
+                pred = costmodel.predict_by_steps(alphas[K], hists[K], timing, steps, B, n, g,
+                                                  K)[0]  # fmt: skip
                 r = bench.run(spec_of(g, K), B, out_len)
                 check(r, ar, f"at context {n}, batch {B}, γ = {g}, budget {K}")
                 sp = r["tokens_per_s"] / ar["tokens_per_s"]
                 row["configs"].append({"gamma": g, "budget": K, "measured": sp, "predicted": pred,
+                                       "predicted_forward": pred_fwd,
                                        "tau": r["tau"], "alpha": r["alpha"],
                                        "tokens_per_s": r["tokens_per_s"],
                                        "rows_identical": r["rows_identical"],
@@ -362,6 +402,8 @@ def cmd_bench_long(args) -> int:
         "jax_version": jax.__version__, "machine": machine_info(),
         "command": "jaxspec " + shlex.join(getattr(args, "argv", []) or ["bench"]),
         "alphas": {str(n): {str(k): a for k, a in al.items()} for n, al in alphas_by_ctx.items()},
+        "accept_hists": {str(n): {str(k): h for k, h in hs.items()}
+                         for n, hs in hists_by_ctx.items()},
         "results": results, "total_s": total_s,
     }  # fmt: skip
     from jaxspec.hardware import measure_roofline
@@ -374,7 +416,7 @@ def cmd_bench_long(args) -> int:
     if args.out_md is not None:
         write_section(args.out_md, md, START, END)
     prof = args.profile_out or magicdec_profile_path(Path(str(model.name)).name)
-    write_profile(prof, report, timings_by_ctx, budgets, tokens)
+    write_profile(prof, report, timings_by_ctx, steps_by_ctx, budgets, tokens)
     log(f"wrote the MagicDec profile {prof}")
     return 0
 
@@ -412,9 +454,11 @@ def add_analytic(report: dict, cfg, roofline) -> None:
     report["roofline"] = roofline.to_dict()
 
 
-def write_profile(path: Path, report: dict, timings_by_ctx: dict, budgets, tokens):
-    """The MagicDec profile `--gamma auto` reads: α per (context, budget) and the measured
-    timing table per batch over the union of bench contexts and budgets."""
+def write_profile(path: Path, report: dict, timings_by_ctx: dict, steps_by_ctx: dict, budgets,
+                  tokens):  # fmt: skip
+    """The MagicDec profile `--gamma auto` reads: α and the accepted-length histogram per
+    (context, budget), the measured forward table per batch over the union of bench contexts
+    and budgets, and the whole-step table step_s[batch][context][γ] at the bench's budget."""
     from jaxspec.profiling import write_toml
 
     contexts = sorted({int(n) for n in timings_by_ctx})
@@ -427,10 +471,15 @@ def write_profile(path: Path, report: dict, timings_by_ctx: dict, budgets, token
             "builder": report["builder"], "sink": report["sink"], "budgets": list(budgets),
             "alpha_contexts": contexts,
             "alpha": [[report["alphas"][str(n)][str(k)] for k in budgets] for n in contexts],
-            **table}  # fmt: skip
+            "accept_hist": [[report["accept_hists"][str(n)][str(k)] for k in budgets]
+                            for n in contexts],
+            **table, **step_table(steps_by_ctx, batches, contexts, report["budget"])}  # fmt: skip
     write_toml(path, body, ["MagicDec profile (jaxspec bench --long-context): greedy "
                             "self-speculation acceptance alpha[context][budget] and measured "
-                            "target forward seconds target_s[batch][context][tokens]"])  # fmt: skip
+                            "target forward seconds target_s[batch][context][tokens]; "
+                            "accept_hist[context][budget] counts steps by accepted drafts (chain "
+                            "of len - 1); step_s[batch][context][gamma]: one whole spec_step "
+                            "(gamma 0 = AR) at step_budget"])  # fmt: skip
 
 
 def _identity_line(r: dict) -> str:
@@ -460,7 +509,11 @@ def report_markdown(r: dict, machine: str) -> str:
         + f", sink {r['sink']}; {r['max_new_tokens']} new tokens per row; book windows, "
         f"{r['distinct_rows']} distinct per context (larger batches repeat them); "
         f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run; predicted = "
-        f"Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from the measured forward times; "
+        f"E(γ)·T_step(AR) ÷ T_step(γ, K): whole `spec_step`s timed per (B, n, γ) at K = "
+        f"{r['budget']} (other K: + γ·(t(B,K,1) − t(B,{r['budget']},1)) from measured forward "
+        f"times), E(γ) = expected tokens per step from the accepted-length histogram "
+        f"measured at each K; (forward-only: Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)), the "
+        f"previous model); "
         f"compile time excluded; {_identity_line(r)}; "
         f"total run {r['total_s'] / 60:.1f} min",
         "",
@@ -474,7 +527,7 @@ def report_markdown(r: dict, machine: str) -> str:
     cols = [f"γ={g}" for g in r["gammas"]]
     lines += [
         "",
-        "Speedup over AR, measured (predicted from measured forward times"
+        "Speedup over AR, measured (predicted from timed steps / forward-only"
         + (" / analytic" if "critical_length" in r else "")
         + f"), budget K = {r['budget']}; chooser's pick (γ, K) with its measured speedup vs the "
         "best measured:",
@@ -490,7 +543,8 @@ def report_markdown(r: dict, machine: str) -> str:
         for g in r["gammas"]:
             c = next(c for c in row["configs"] if c["gamma"] == g and c["budget"] == r["budget"])
             analytic = f" / {c['analytic']:.2f}×" if "analytic" in c else ""
-            cells.append(f"{c['measured']:.2f}× ({c['predicted']:.2f}×{analytic})")
+            fwd = f" / {c['predicted_forward']:.2f}×" if "predicted_forward" in c else ""
+            cells.append(f"{c['measured']:.2f}× ({c['predicted']:.2f}×{fwd}{analytic})")
         pick = "AR" if row["pick"] is None else f"γ={row['pick'][0]}, K={row['pick'][1]}"
         pick += f": {row['pick_measured']:.2f}×"
         ratio = row["pick_measured"] / max(row["best"][2], 1.0)

@@ -41,6 +41,10 @@ Choosing γ and the draft KV budget (MagicDec, self-speculation with a K-slot sp
   * `MeasuredTiming` takes them from a `jaxspec profile device` table. It interpolates linearly in
     context and tokens between measured points, at a profiled batch only, and raises ConfigError
     outside the grid; it never extrapolates.
+  * With a `StepTiming` (whole `spec_step`s timed on the real decode state, per batch, context
+    and γ at one reference budget) the chooser predicts E(γ)·T_AR_step / T_step(γ, K) instead:
+    the step's overheads outside the forwards (accept walk, commits, sink rotation) are then
+    measured, not ignored, and E(γ) comes from the measured accepted-length histogram.
 """
 
 from __future__ import annotations
@@ -355,6 +359,70 @@ class MeasuredTiming:
         return self._lookup(grid, batch, budget, 1)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepTiming:
+    """Measured seconds of one whole speculative step, as `spec_step` runs it (the draft phase,
+    the verify forward, the accept walk and both caches' commits), per (batch, context, γ) at
+    one reference draft budget `budget`; γ = 0 is the autoregressive step. A table
+    `step_s[b][c][g]` over `batches`, `contexts` (strictly increasing) and `gammas` (strictly
+    increasing, starting at 0). Contexts interpolate linearly between measured points; a batch
+    or γ that is not in the table, or a context outside it, raises ConfigError."""
+
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    gammas: tuple[int, ...]
+    step_s: np.ndarray = dataclasses.field(compare=False, repr=False)
+    budget: int = 0
+    source: str = "step timing table"
+
+    @classmethod
+    def from_table(cls, table: Mapping, source: str = "step timing table") -> StepTiming:
+        """From {"step_batches", "step_contexts", "step_gammas", "step_s", "step_budget"}."""
+        g = table.get("step_gammas")
+        if (not isinstance(g, list | tuple) or not g or isinstance(g[0], bool) or g[0] != 0
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in g)
+                or any(a >= c for a, c in zip(g, g[1:], strict=False))):  # fmt: skip
+            raise ConfigError(f"{source}: 'step_gammas' must be strictly increasing integers "
+                              f"starting with 0 (the AR step), got {g!r}")  # fmt: skip
+        axes = [_axis(table, "step_batches", source), _axis(table, "step_contexts", source),
+                tuple(int(x) for x in g)]  # fmt: skip
+        grid = _grid(table, "step_s", tuple(len(a) for a in axes), source)
+        budget = _positive_int(f"{source}: step_budget", table.get("step_budget"))
+        return cls(*axes, grid, budget, source)
+
+    def t_step(self, batch: int, context: int, gamma: int) -> float:
+        b = _positive_int("batch", batch)
+        if b not in self.batches:
+            raise ConfigError(f"{self.source}: batch {b} is not in the step table "
+                              f"(batches: {list(self.batches)})")  # fmt: skip
+        if gamma not in self.gammas:
+            raise ConfigError(f"{self.source}: γ = {gamma} is not in the step table "
+                              f"(gammas: {list(self.gammas)})")  # fmt: skip
+        if not self.contexts[0] <= context <= self.contexts[-1]:
+            raise ConfigError(
+                f"{self.source}: context {context} is outside the measured range "
+                f"[{self.contexts[0]}, {self.contexts[-1]}] (no extrapolation)"
+            )
+        col = self.step_s[self.batches.index(b), :, self.gammas.index(gamma)]
+        return float(np.interp(context, self.contexts, col))
+
+
+def expected_tokens_chain(accept_hist: Sequence[float], gamma: int) -> float:
+    """Expected tokens per step (accepted drafts + the bonus token) of a greedy chain of γ
+    drafts, from the accepted-length histogram [γ_ref + 1] measured with a chain of γ_ref ≥ γ
+    drafts: 1 + Σ_{d=1..γ} P(A ≥ d). With greedy drafts a shorter chain is a prefix of the
+    longer one, so it accepts min(A, γ) of them; no i.i.d. assumption is made."""
+    h = np.asarray(accept_hist, np.float64)
+    g = _positive_int("gamma", gamma)
+    if h.ndim != 1 or h.size < 2 or not np.all(h >= 0) or h.sum() <= 0:
+        raise ConfigError(f"accept_hist must be a non-negative histogram of >= 2 counts, got "
+                          f"{list(h)}")  # fmt: skip
+    if g > h.size - 1:
+        raise ConfigError(f"γ = {g} is longer than the measured chain ({h.size - 1} drafts)")
+    reach = h[::-1].cumsum()[::-1] / h.sum()  # reach[d] = P(A >= d)
+    return float(1.0 + reach[1 : g + 1].sum())
+
+
 # ---- the chooser -------------------------------------------------------------------------------
 
 
@@ -369,9 +437,12 @@ class Pick:
     target_1_s: float  # t_target(b, n, 1)
     draft_s: float  # t_draft(b, min(K, n))
     verify_s: float  # t_target(b, n, γ + 1)
+    step_s: float | None = None  # with a StepTiming: the predicted whole step at budget K
+    ar_step_s: float | None = None  # with a StepTiming: the measured autoregressive step
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields as plain numbers; the step fields only when a StepTiming was used."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def _check_alphas(alphas: Mapping[int, float]) -> dict[int, float]:
@@ -392,12 +463,22 @@ def _check_gammas(gammas: Iterable[int]) -> tuple[int, ...]:
 
 
 def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, context: int,
-                       gammas: Iterable[int] = GAMMAS) -> Pick | None:  # fmt: skip
-    """The (γ, K) maximising `speedup_chain` for one bucket. `alphas` maps each measured draft KV
-    budget K to its acceptance rate α(K). Returns None (autoregressive) unless the best
-    prediction exceeds 1. Ties go to the smaller γ, then the smaller K."""
+                       gammas: Iterable[int] = GAMMAS, steps: StepTiming | None = None,
+                       hists: Mapping[int, Sequence[float]] | None = None,
+                       ) -> Pick | None:  # fmt: skip
+    """The (γ, K) maximising the predicted speedup for one bucket. `alphas` maps each measured
+    draft KV budget K to its acceptance rate α(K). Returns None (autoregressive) unless the best
+    prediction exceeds 1. Ties go to the smaller γ, then the smaller K.
+
+    Without `steps` the prediction is `speedup_chain` from isolated forward times. With a
+    `StepTiming` (whole steps measured at budget K0) it is E(γ, K) · T_AR / T_step(γ, K), where
+    T_step(γ, K) = step_s(γ) + γ · (t_draft(K) − t_draft(K0)) (only the γ draft forwards change
+    with K) and E(γ, K) = `expected_tokens_chain(hists[K], γ)` when K's accepted-length
+    histogram is given, else Ω(γ, α(K)). Only the γ the step table measured are considered."""
     al, gs = _check_alphas(alphas), _check_gammas(gammas)
     b, n = _positive_int("batch", batch), _positive_int("context", context)
+    if steps is not None:
+        return _choose_by_steps(al, gs, timing, steps, hists or {}, b, n)
     t1 = _time(f"t_target(batch={b}, context={n}, tokens=1)", timing.t_target(b, n, 1))
     best = None
     for g in gs:
@@ -409,6 +490,35 @@ def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, 
             s = speedup_chain(a, g, t1, td, tv)
             if best is None or s > best.speedup:
                 best = Pick(g, k, a, s, t1, td, tv)
+    return best if best is not None and best.speedup > 1 else None
+
+
+def predict_by_steps(alpha: float, hist: Sequence[float] | None, timing: Timing,
+                     steps: StepTiming, batch: int, context: int, gamma: int,
+                     budget: int) -> tuple[float, float, float, float]:  # fmt: skip
+    """The step-timed prediction of `choose_speculation` for one (γ, K):
+    (speedup, T_step(γ, K), T_AR step, t_draft(K))."""
+    b, n, g, k = batch, context, gamma, budget
+    t_ar = _time(f"step_s(batch={b}, context={n}, γ=0)", steps.t_step(b, n, 0))
+    td0 = _time(f"t_draft(batch={b}, budget={min(steps.budget, n)})",
+                timing.t_draft(b, min(steps.budget, n)))  # fmt: skip
+    ts0 = _time(f"step_s(batch={b}, context={n}, γ={g})", steps.t_step(b, n, g))
+    td = _time(f"t_draft(batch={b}, budget={min(k, n)})", timing.t_draft(b, min(k, n)))
+    ts = _time(f"the predicted step at γ={g}, budget {k}", ts0 + g * (td - td0))
+    e = expected_tokens_chain(hist, g) if hist is not None and len(hist) > g else omega(alpha, g)
+    return e * t_ar / ts, ts, t_ar, td
+
+
+def _choose_by_steps(al: dict[int, float], gs: tuple[int, ...], timing: Timing,
+                     steps: StepTiming, hists: Mapping[int, Sequence[float]], b: int,
+                     n: int) -> Pick | None:  # fmt: skip
+    best = None
+    for g in (g for g in gs if g in steps.gammas):
+        for k, a in al.items():
+            s, ts, t_ar, td = predict_by_steps(a, hists.get(k), timing, steps, b, n, g, k)
+            if best is None or s > best.speedup:
+                tv = timing.t_target(b, n, g + 1)
+                best = Pick(g, k, a, s, t_ar, td, tv, step_s=ts, ar_step_s=t_ar)
     return best if best is not None and best.speedup > 1 else None
 
 

@@ -8,6 +8,11 @@ configuration is predicted to beat AR. Off the measured grid: the batch bucket i
 the next profiled batch (the largest one past the end), the context is clipped to the measured
 range, and α is taken at the nearest profiled context. The profile is greedy; at T > 0 the same
 α is used as an estimate. Self-speculation only (the table times the target as its own draft).
+
+Profiles that also hold whole-step times (`step_s[batch][context][γ]` at `step_budget`, γ = 0
+the AR step) and accepted-length histograms (`accept_hist[context][budget]`) are chosen from
+those (`costmodel.StepTiming`): the step's overheads outside the forwards are then measured and
+the tokens per step need no i.i.d. assumption. Older profiles fall back to forward times.
 """
 
 from __future__ import annotations
@@ -47,6 +52,14 @@ class AutoMagicDec:
         table = {k: prof[k] for k in ("batches", "contexts", "tokens", "target_s")}
         self.timing = MeasuredTiming.from_table(table, source=source)
         self.gammas = tuple(range(1, max(prof["tokens"])))  # verify needs γ + 1 timed tokens
+        self.steps = None
+        if "step_s" in prof:
+            from jaxspec.costmodel import StepTiming
+
+            self.steps = StepTiming.from_table(prof, source=source)
+            if self.steps.batches != self.timing.batches:
+                raise ConfigError(f"{source}: step_batches {list(self.steps.batches)} differ "
+                                  f"from batches {list(self.timing.batches)}")  # fmt: skip
 
     def choose(self, batch: int, context: int):
         from jaxspec.costmodel import choose_speculation
@@ -59,7 +72,14 @@ class AutoMagicDec:
         near = min(range(len(p["alpha_contexts"])),
                    key=lambda i: abs(p["alpha_contexts"][i] - context))  # fmt: skip
         alphas = dict(zip(p["budgets"], p["alpha"][near], strict=True))
-        return choose_speculation(alphas, self.timing, b, ctx, gammas=self.gammas)
+        if self.steps is None:
+            return choose_speculation(alphas, self.timing, b, ctx, gammas=self.gammas)
+        hists = None
+        if "accept_hist" in p:
+            hists = dict(zip(p["budgets"], p["accept_hist"][near], strict=True))
+        sctx = min(max(context, self.steps.contexts[0]), self.steps.contexts[-1])
+        return choose_speculation(alphas, self.timing, b, sctx, gammas=self.gammas,
+                                  steps=self.steps, hists=hists)  # fmt: skip
 
 
 def auto_magicdec(args, model, md, dcfg, verifier: str):

@@ -3,6 +3,7 @@ per-category numbers, the greedy lossless check), and one clear message for ever
 
 import json
 
+import numpy as np
 import pytest
 
 from jaxspec.bench import MethodSpec, aggregate, parse_methods, select_prompts
@@ -185,6 +186,17 @@ def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     assert "every configuration's output equals AR's" in text
     body = read_magicdec_profile(prof)
     assert body["batches"] == [2] and body["budgets"] == [48, 96]
+    # the whole-step table (γ = 0 is AR) and the accepted-length histograms the chooser reads
+    assert body["step_batches"] == [2] and body["step_contexts"] == [200]
+    assert body["step_gammas"] == [0, 2] and body["step_budget"] == 48
+    assert np.asarray(body["step_s"]).shape == (1, 1, 2) and np.all(np.asarray(body["step_s"]) > 0)
+    assert np.asarray(body["accept_hist"]).shape == (1, 2, 3)  # context × budget × (γ_ref + 1)
+    for row in r["results"]:
+        assert set(row["step_s"]) == {"0", "2"}
+        assert all(c["predicted_forward"] > 0 for c in row["configs"])
+    from jaxspec.magicdec_auto import AutoMagicDec
+
+    assert AutoMagicDec(body).steps is not None
 
 
 def test_bench_long_context_bad_input(tmp_path, capsys):

@@ -14,12 +14,15 @@ from jaxspec.costmodel import (
     AnalyticTiming,
     MeasuredTiming,
     Pick,
+    StepTiming,
     choose_speculation,
     critical_length,
     decode_cost,
+    expected_tokens_chain,
     omega,
     paper_critical_length,
     paper_decode_cost,
+    predict_by_steps,
     speculation_table,
     speedup_chain,
     speedup_tree,
@@ -340,6 +343,105 @@ def test_real_cpu_profile_reads_and_never_slows_down():
         rows = speculation_table({256: 0.6, 512: 0.7}, timing, timing.batches, timing.contexts,
                                  gammas)  # fmt: skip
         assert all(r["speedup"] >= 1 for r in rows)
+
+
+# ---- the step-timed chooser --------------------------------------------------------------------
+
+STEP_GAMMAS = [0, 1, 2, 3, 4]
+
+
+def synthetic_steps(seed: int, budget: int = 512) -> dict:
+    """Whole-step seconds per (batch, context, γ): the forward table's verify time plus γ draft
+    steps at `budget` plus a per-level overhead, with noise, as a `StepTiming` table."""
+    rng = np.random.default_rng(seed + 100)
+    t = np.asarray(synthetic_table(seed)["target_s"])
+    step = np.empty((len(BATCHES), len(CONTEXTS), len(STEP_GAMMAS)))
+    for bi, ci, gi in itertools.product(*(range(n) for n in step.shape)):
+        g = STEP_GAMMAS[gi]
+        draft = t[bi, CONTEXTS.index(min(budget, CONTEXTS[ci])), 0]
+        step[bi, ci, gi] = (t[bi, ci, g] + g * (draft + 3e-3)) * np.exp(0.2 * rng.normal())
+    return {"step_batches": BATCHES, "step_contexts": CONTEXTS, "step_gammas": STEP_GAMMAS,
+            "step_budget": budget, "step_s": step.tolist()}  # fmt: skip
+
+
+def test_expected_tokens_chain_equals_enumeration():
+    """1 + Σ_{d≤γ} P(A ≥ d) equals the mean of min(A, γ) + 1 over the steps the histogram
+    counts (a shorter greedy chain accepts a prefix), and Ω(γ, α) when A is truncated
+    geometric with rate α."""
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        hist = rng.integers(0, 9, size=6).astype(float)
+        hist[0] += 1
+        steps = np.repeat(np.arange(6), hist.astype(int))
+        for g in range(1, 6):
+            assert expected_tokens_chain(hist, g) == pytest.approx(np.minimum(steps, g).mean() + 1)
+    a, G = 0.7, 4
+    geo = [a**d * (1 - a) for d in range(G)] + [a**G]
+    for g in range(1, G + 1):
+        assert expected_tokens_chain(geo, g) == pytest.approx(omega(a, g))
+    with pytest.raises(ConfigError, match="longer than the measured chain"):
+        expected_tokens_chain([1, 2, 3], 3)
+    with pytest.raises(ConfigError, match="histogram"):
+        expected_tokens_chain([0, 0], 1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_step_chooser_is_argmax_of_brute_force(seed):
+    """With a StepTiming the chooser maximises E(γ, K)·T_AR / (step(γ) + γ·(t_D(K) − t_D(K0)))
+    over the measured γ and K, computed here by direct indexing of both grids; E comes from
+    the histogram where one is given (K = 256, 1024) and from Ω(γ, α) elsewhere. None exactly
+    where the maximum is ≤ 1; every pick is > 1 and reproduced by predict_by_steps."""
+    table, st = synthetic_table(seed), synthetic_steps(seed)
+    timing, steps = MeasuredTiming.from_table(table), StepTiming.from_table(st)
+    rng = np.random.default_rng(seed)
+    hists = {k: rng.integers(1, 20, size=5).tolist() for k in (256, 1024)}
+    t, S = np.asarray(table["target_s"]), np.asarray(st["step_s"])
+    outcomes = set()
+    for b, c in itertools.product(BATCHES, CONTEXTS):
+        bi, ci = BATCHES.index(b), CONTEXTS.index(c)
+        td0 = t[bi, CONTEXTS.index(min(512, c)), 0]
+        best = (-1.0, 0, 0)
+        for g in STEP_GAMMAS[1:]:
+            for k in sorted(ALPHAS):
+                h = np.asarray(hists.get(k, [0]), float)
+                e = (1 + sum(h[d:].sum() for d in range(1, g + 1)) / h.sum() if k in hists
+                     else omega(ALPHAS[k], g))  # fmt: skip
+                ts = S[bi, ci, g] + g * (t[bi, CONTEXTS.index(min(k, c)), 0] - td0)
+                sp = e * S[bi, ci, 0] / ts
+                if sp > best[0]:
+                    best = (sp, g, k)
+        pick = choose_speculation(ALPHAS, timing, b, c, steps=steps, hists=hists)
+        outcomes.add(pick is None)
+        if best[0] <= 1:
+            assert pick is None, (b, c, best)
+            continue
+        assert (pick.gamma, pick.budget) == best[1:] and pick.speedup == pytest.approx(best[0])
+        assert pick.ar_step_s == S[bi, ci, 0] and pick.speedup > 1
+        again = predict_by_steps(ALPHAS[pick.budget], hists.get(pick.budget), timing, steps, b,
+                                 c, pick.gamma, pick.budget)  # fmt: skip
+        assert again[0] == pytest.approx(pick.speedup) and again[1] == pytest.approx(pick.step_s)
+    assert outcomes == {True, False}
+
+
+def test_step_timing_interpolates_and_rejects_bad_tables():
+    """t_step interpolates linearly in context, exact in batch and γ; off-grid batches, γ and
+    contexts and malformed tables are ConfigErrors naming the problem."""
+    st = synthetic_steps(0)
+    steps = StepTiming.from_table(st)
+    S = np.asarray(st["step_s"])
+    assert steps.t_step(4, 768, 2) == pytest.approx((S[1, 1, 2] + S[1, 2, 2]) / 2)
+    with pytest.raises(ConfigError, match="batch 2"):
+        steps.t_step(2, 1024, 1)
+    with pytest.raises(ConfigError, match="γ = 7"):
+        steps.t_step(1, 1024, 7)
+    with pytest.raises(ConfigError, match="context 100"):
+        steps.t_step(1, 100, 1)
+    with pytest.raises(ConfigError, match="starting with 0"):
+        StepTiming.from_table({**st, "step_gammas": [1, 2, 3, 4, 5]})
+    with pytest.raises(ConfigError, match="shape"):
+        StepTiming.from_table({**st, "step_gammas": [0, 1, 2]})
+    with pytest.raises(ConfigError, match="step_budget"):
+        StepTiming.from_table({**st, "step_budget": 0})
 
 
 # ---- bad inputs --------------------------------------------------------------------------------

@@ -270,6 +270,52 @@ def test_gamma_auto_picks_the_best_predicted_chain_per_bucket(tmp_path):
         read_magicdec_profile(tmp_path / "missing.toml")
 
 
+def test_gamma_auto_uses_the_profiled_step_times(tmp_path):
+    """A profile with whole-step times and accepted-length histograms is chosen from those:
+    each pick equals the brute-force argmax of `predict_by_steps` over the measured γ and K
+    (histogram at the nearest profiled context, context clipped to the step table); and when
+    the measured steps are slow, the bucket falls back to AR although the forward-only model
+    (same profile without the step table) predicts a gain."""
+    from jaxspec import costmodel
+    from jaxspec.magicdec_auto import AutoMagicDec, read_magicdec_profile
+    from jaxspec.profiling import write_toml
+
+    path = tmp_path / "magicdec.toml"
+    body = _synthetic_profile(path)
+    t = np.asarray(body["target_s"])
+    gammas = [0, 1, 2, 3]
+    step = [[[t[bi, ci, g] + g * t[bi, 1, 0] * 1.2 for g in gammas] for ci in (2, 3)]
+            for bi in range(2)]  # fmt: skip
+    hist = [[[5, 3, 2, 1], [4, 3, 3, 2]], [[2, 2, 3, 9], [1, 2, 3, 12]]]  # [context][budget]
+    steps = {"step_batches": [1, 16], "step_contexts": [1024, 4096], "step_gammas": gammas,
+             "step_budget": 512, "step_s": step, "accept_hist": hist}  # fmt: skip
+    write_toml(path, {**body, **steps}, ["synthetic"])
+    auto = AutoMagicDec(read_magicdec_profile(path))
+    timing, st = auto.timing, auto.steps
+    assert st is not None
+    outcomes = set()
+    for b, ctx in [(16, 4096), (16, 1024), (16, 3000), (1, 4096), (16, 9000)]:
+        near = 0 if abs(1024 - ctx) < abs(4096 - ctx) else 1
+        sctx = min(max(ctx, 1024), 4096)
+        best, arg = 1.0, None
+        for g in gammas[1:]:
+            for ki, K in enumerate(body["budgets"]):
+                sp = costmodel.predict_by_steps(body["alpha"][near][ki],
+                                                steps["accept_hist"][near][ki], timing, st, b,
+                                                sctx, g, K)[0]  # fmt: skip
+                if sp > best:
+                    best, arg = sp, (g, K)
+        pick = auto.choose(b, ctx)
+        assert (None if pick is None else (pick.gamma, pick.budget)) == arg, (b, ctx)
+        outcomes.add(arg is None)
+    assert outcomes == {True, False}  # both a speculative pick and AR are exercised
+    slow = [[[row[0] * (1 + 2 * g) for g in gammas] for row in plane] for plane in step]
+    write_toml(path, {**body, **steps, "step_s": slow}, ["synthetic, slow steps"])
+    assert AutoMagicDec(read_magicdec_profile(path)).choose(16, 4096) is None
+    write_toml(path, body, ["synthetic, forward times only"])
+    assert AutoMagicDec(read_magicdec_profile(path)).choose(16, 4096) is not None
+
+
 def test_a_kv_cache_that_does_not_fit_is_a_clear_error():
     """Batch × context beyond the device's memory: one error naming the size needed."""
     from jaxspec.errors import InputError
