@@ -391,8 +391,14 @@ def cmd_bench_long(args) -> int:
             if args.json is not None:  # partial results survive a crash of a later bucket
                 args.json.write_text(json.dumps({"partial": True, "alphas": {
                     str(k): {str(b): a for b, a in v.items()} for k, v in alphas_by_ctx.items()},
+                    "accept_hists": {str(k): {str(b): h for b, h in v.items()}
+                                     for k, v in hists_by_ctx.items()},
+                    "forward_s": {str(c): {str(b): {f"{k[0]},{k[1]}": v for k, v in tb.items()}
+                                           for b, tb in tc.items()}
+                                  for c, tc in timings_by_ctx.items()},
                     "results": results}, indent=1) + "\n")  # fmt: skip
         del bench
+        jax.clear_caches()  # a long sweep's compiled programs add up (8K × 16 ran out of memory)
     total_s = time.perf_counter() - t_all
     report = {
         "model": str(model.name), "dtype": args.dtype, "builder": md0.builder, "sink": md0.sink,
@@ -512,8 +518,8 @@ def report_markdown(r: dict, machine: str) -> str:
         f"E(γ)·T_step(AR) ÷ T_step(γ, K): whole `spec_step`s timed per (B, n, γ) at K = "
         f"{r['budget']} (other K: + γ·(t(B,K,1) − t(B,{r['budget']},1)) from measured forward "
         f"times), E(γ) = expected tokens per step from the accepted-length histogram "
-        f"measured at each K; (forward-only: Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)), the "
-        f"previous model); "
+        f"measured at each K; forward-only = Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from "
+        f"isolated forward times; "
         f"compile time excluded; {_identity_line(r)}; "
         f"total run {r['total_s'] / 60:.1f} min",
         "",
