@@ -13,16 +13,20 @@ i comes from book i mod #books, at offset `--skip` + (i div #books)·n tokens). 
      (the per-token acceptance that fits a geometric chain; reach_d = steps accepting ≥ d).
   3. For each batch size B: the timing table t(B, n, s) (target forward of s tokens per row over
      the n-token cache, s = 1 … max γ + 1) and t(B, K, 1) (a draft step over a K-slot cache),
-     medians of a few runs after a warm-up; then AR decoding and MagicDec for every γ in
-     `--gammas` at `--draft-budget`, plus the chooser's pick if it is not among them. Each run
-     decodes `--max-new-tokens` tokens per row (the first comes from the prefill); runs shorter
-     than 10 s are repeated (up to 3, median). Every configuration's tokens must equal AR's,
-     row for row, or the run stops with an error.
-  4. Predicted speedup of every configuration = Ω(γ, α(K)) · t(B,n,1) / (γ·t(B,K,1) + t(B,n,γ+1))
-     (`costmodel.speedup_chain`, the measured timings and α); measured speedup = MagicDec decode
-     tokens/s ÷ AR decode tokens/s in the same process. The chooser (`costmodel
-     .choose_speculation` over the measured table) picks (γ, K) or AR; its pick's measured
-     speedup is compared with the best measured configuration.
+     medians of a few runs after a warm-up; the whole-step times T_step(γ) of one `spec_step`
+     on a fresh decode state for γ = 0 (AR) and every γ in `--gammas` at `--draft-budget` K0
+     (median of ≥ 5 steps after a warm-up step); then AR decoding and MagicDec for every γ in
+     `--gammas` at K0, plus the chooser's pick if it is not among them. Each run decodes
+     `--max-new-tokens` tokens per row (the first comes from the prefill); runs shorter than
+     10 s are repeated (up to 3, median). Every configuration's tokens must equal AR's, row for
+     row, or the run stops with an error.
+  4. Predicted speedup of every configuration = E(γ, K) · T_step(0) / (T_step(γ) + γ·(t(B,K,1) −
+     t(B,K0,1))) (`costmodel.predict_by_steps`; E from the accepted-length histogram of step 2),
+     shown beside the forward-only Ω(γ, α(K)) · t(B,n,1) / (γ·t(B,K,1) + t(B,n,γ+1))
+     (`costmodel.speedup_chain`); measured speedup = MagicDec decode tokens/s ÷ AR decode
+     tokens/s in the same process. The chooser (`costmodel.choose_speculation` with the step
+     table) picks (γ, K) or AR; its pick's measured speedup is compared with the best measured
+     configuration.
 Compile time is excluded from every timing. Results go to stdout as Markdown, `--json`, the
 `--out-md` section (markers `<!-- bench-long:start/end -->`) and the MagicDec profile TOML that
 `--gamma auto` reads (`--profile-out`, default configs/profiles/magicdec__<device>__<model>.toml).
