@@ -2,7 +2,8 @@
 
 Methods (`--methods`, a comma list): `ar`, `chain` (γ = `--gamma`), `chain:G`, `tree` (`--tree`),
 `tree:NAME|FILE`, `sssd` (n-gram drafts from each row's own prompt and output; N speculated
-tokens = `--draft-tokens`), `sssd:N`, `sssd-ds`, `sssd-ds:N` (also from `--datastore`),
+tokens = `--draft-tokens`), `sssd:N`, `sssd:adaptive` (the verify width chosen every step,
+`--draft-tokens adaptive`), `sssd-ds`, `sssd-ds:N`, `sssd-ds:adaptive` (also from `--datastore`),
 `magicdec` (self-speculation on a sparse draft cache, γ = `--gamma`), `magicdec:G`,
 `magicdec:auto`. AR always runs, first: every `speedup_vs_ar` is relative to it.
 `--long-context` runs MagicDec's batch × context sweep instead (`jaxspec.bench_long`).
@@ -49,8 +50,8 @@ MT_BENCH = frozenset(
 )
 UNCATEGORIZED = "uncategorized"
 METHOD_FORMS = (
-    "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N, sssd-ds, sssd-ds:N, magicdec, "
-    "magicdec:G, magicdec:auto"
+    "ar, chain, chain:G, tree, tree:NAME, sssd, sssd:N|adaptive, sssd-ds, sssd-ds:N|adaptive, "
+    "magicdec, magicdec:G, magicdec:auto"
 )
 
 
@@ -63,7 +64,7 @@ class MethodSpec:
     method: str  # ar | chain | tree | sssd | magicdec
     gamma: int | str | None = None  # "auto": magicdec's chooser
     tree: str | None = None
-    draft_tokens: int | None = None  # sssd: None = --draft-tokens
+    draft_tokens: int | str | None = None  # sssd: None = --draft-tokens; or "adaptive"
     datastore: bool = False  # sssd-ds: drafts from --datastore too
 
 
@@ -106,7 +107,9 @@ def parse_methods(text: str, gamma: int | str = 4, tree: str | None = None) -> l
             m = MethodSpec(f"tree:{name}", "tree", tree=name)
         elif kind in ("sssd", "sssd-ds"):
             n = None
-            if sep:
+            if sep and arg == "adaptive":
+                n = "adaptive"
+            elif sep:
                 try:
                     n = int(arg)
                 except ValueError:

@@ -2,7 +2,7 @@
 
   jaxspec generate [--model NAME|DIR] [--prompt TEXT ... | --prompts-file JSONL] [--no-chat]
                    [--method ar|chain|tree|sssd|magicdec] [--drafter layerskip|model|self]
-                   [--draft DIR] [--datastore DIR] [--draft-tokens N|auto]
+                   [--draft DIR] [--datastore DIR] [--draft-tokens N|auto|adaptive]
                    [--draft-layers I,J,...] [--gamma K|auto] [--tree NAME|FILE]
                    [--draft-budget K] [--sink S] [--draft-builder copy|streaming|snapkv]
                    [--verifier greedy|swor|rrs|spechub|point_mass]
@@ -86,10 +86,12 @@ def _add_decoding_args(
     p.add_argument("--datastore", type=Path, metavar="DIR",
                    help="sssd: token datastore (jaxspec datastore build) drafted from besides "
                    "the row's own prompt and output")  # fmt: skip
-    p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
+    p.add_argument("--draft-tokens", default="auto", metavar="N|auto|adaptive",
                    help="sssd: speculated tokens per row and step; auto = per (batch, context) "
                    "bucket from the measured tau(N) (`jaxspec profile sssd`) and verify times "
-                   "(`jaxspec profile device`), else SSSD's roofline rule")  # fmt: skip
+                   "(`jaxspec profile device`), else SSSD's roofline rule; adaptive = up to "
+                   "15 nodes, each step verifying only as many of the best as pay for their "
+                   "measured cost (none when the n-gram matches are weak)")  # fmt: skip
     p.add_argument("--gamma", type=parse_gamma, default=4, metavar="G|auto", help=gamma_help)
     p.add_argument("--tree", help=tree_help + f" (default {DEFAULT_TREE}; magicdec: a chain of "
                    "--gamma unless a tree is named)")  # fmt: skip
@@ -207,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         default="ar,chain,tree",
         help="comma list of ar, chain (uses --gamma), chain:G, tree (uses --tree), "
-        "tree:NAME|FILE, sssd, sssd:N, sssd-ds, sssd-ds:N (sssd-ds: with --datastore); ar is "
+        "tree:NAME|FILE, sssd, sssd:N, sssd:adaptive, sssd-ds, sssd-ds:N, sssd-ds:adaptive "
+        "(sssd-ds: with --datastore), magicdec, magicdec:G, magicdec:auto; ar is "
         "always run (first): speedups are relative to it",
     )
     b.add_argument("--prompts-file", type=Path,
@@ -569,14 +572,18 @@ def build_draft(args, model):
     return dcfg, dparams, layerskip_name(tuple(sorted(keep)))
 
 
-def parse_draft_tokens(text) -> int | None:
-    """--draft-tokens: an integer >= 1, or None for `auto`."""
+def parse_draft_tokens(text) -> int | str | None:
+    """--draft-tokens: an integer >= 1, None for `auto`, or "adaptive"."""
     if text is None or str(text) == "auto":
         return None
+    if str(text) == "adaptive":
+        return "adaptive"
     try:
         n = int(text)
     except ValueError:
-        raise InputError(f"--draft-tokens must be an integer or 'auto', got {text!r}") from None
+        raise InputError(
+            f"--draft-tokens must be an integer, 'auto' or 'adaptive', got {text!r}"
+        ) from None
     if n < 1:
         raise InputError(f"--draft-tokens must be >= 1, got {n}")
     return n
@@ -651,6 +658,13 @@ def build_sssd(args, model):
     if args.datastore is not None:
         vocab = model.tokenizer.vocab_size if model.tokenizer is not None else None
         ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
+    if n == "adaptive":  # the verify width per step, costed by the device timing table
+        from jaxspec.drafting.sssd_auto import AdaptiveSssdSpecs
+        from jaxspec.profiling import device_profile_path
+
+        dev = getattr(args, "device_profile", None) or device_profile_path(
+            Path(str(model.name)).name)  # fmt: skip
+        return AdaptiveSssdSpecs.load(dev, model.cfg, verifier), ds
     if n is None:
         auto = sssd_auto_tables(args, model, ds is not None)
         if auto is not None:

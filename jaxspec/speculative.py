@@ -39,7 +39,7 @@ from flax import struct
 
 from jaxspec import magicdec
 from jaxspec.config import ModelConfig
-from jaxspec.drafting.ngram import NgramConfig, children_of, ngram_tree
+from jaxspec.drafting.ngram import NgramConfig, children_of, choose_width, ngram_tree
 from jaxspec.drafting.vocab import draft_forward, model_params
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache
@@ -291,8 +291,9 @@ def _walk(spec: SpecConfig, logits_t, zq, toks, sp, key):
     return _walk_tree(node, tree.max_depth, spec.max_width, logits_t, sp, key)
 
 
-def _walk_dynamic(spec: SpecConfig, logits_t, toks, parents, sp, key):
-    """Accept walk over per-row trees given as data (n-gram drafts): children by parent lookup."""
+def _walk_dynamic(spec: SpecConfig, logits_t, toks, parents, sp, key, depth: int | None = None):
+    """Accept walk over per-row trees given as data (n-gram drafts): children by parent lookup;
+    `depth` bounds the walk (default: the config's deepest node)."""
     rows = jnp.arange(toks.shape[0])
     width = spec.max_width
 
@@ -304,7 +305,7 @@ def _walk_dynamic(spec: SpecConfig, logits_t, toks, parents, sp, key):
             res = rules.point_mass(probs(logits_t[rows, cur], sp), kid_tok)
         return kids, kid_tok, res
 
-    return _walk_tree(node, spec.max_depth, width, logits_t, sp, key)
+    return _walk_tree(node, spec.max_depth if depth is None else depth, width, logits_t, sp, key)
 
 
 def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) -> KVCache:
@@ -318,10 +319,38 @@ def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) 
 
 
 def _ngram_draft(spec: SpecConfig, datastore, state: SpecState):
-    """(tokens, parents, positions, ancestor mask) of each row's n-gram tree."""
+    """(tokens, parents, positions, ancestor mask, scores) of each row's n-gram tree."""
     h = state.cache.lengths + 1
-    toks, parents, depths, anc = ngram_tree(spec.ngram, state.history, h, datastore)
-    return toks, parents, state.cache.lengths[:, None] + depths, anc
+    toks, parents, depths, anc, scores = ngram_tree(spec.ngram, state.history, h, datastore)
+    return toks, parents, state.cache.lengths[:, None] + depths, anc, scores
+
+
+def _ngram_verify(params_t, spec: SpecConfig, state: SpecState, drafted, key):
+    """Verify forward + accept walk of the n-gram trees: (accepted [B], path [B, max(D, 1)],
+    bonus [B], rank increment [B, W + 1], target cache). With adaptive widths
+    (`NgramConfig.widths`) the step verifies only the w best nodes of every row, w chosen by
+    `choose_width` on device; each width is one `lax.switch` branch (its own forward shape), and
+    only the chosen branch runs."""
+    toks, parents, positions, anc, scores = drafted
+    ng, D = spec.ngram, spec.max_depth
+
+    def run(w: int):
+        def verify(cache):
+            n1 = w + 1  # the w best nodes + the root: a tree (parents precede children)
+            logits, cache = forward(params_t, spec.target, toks[:, :n1], positions[:, :n1], cache,
+                                    anc[:, :n1, :n1])  # fmt: skip
+            sub = toks[:, :n1], parents[:, :n1]
+            acc, path, bonus, ranks = _walk_dynamic(spec, logits, *sub, state.sampling, key,
+                                                    depth=min(D, w))  # fmt: skip
+            path = jnp.pad(path, ((0, 0), (0, max(D, 1) - path.shape[1])))
+            return acc, path, bonus, ranks, cache
+
+        return verify
+
+    if not ng.widths:
+        return run(ng.num_nodes)(state.cache)
+    choice = choose_width(ng, scores, ~state.done)
+    return jax.lax.switch(choice, [run(w) for w in ng.widths], state.cache)
 
 
 def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
@@ -334,7 +363,8 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
     rng, k_draft, k_walk = jax.random.split(state.rng, 3)
     dcache = None
     if spec.ngram is not None:  # 1. draft: model-free candidate trees, topology per row
-        toks, parents, positions, anc = _ngram_draft(spec, params_d, state)
+        drafted = _ngram_draft(spec, params_d, state)
+        toks = drafted[0]
     else:
         positions = state.cache.lengths[:, None] + jnp.asarray(tree.depth)[None]
         anc = jnp.asarray(tree.ancestor_mask)[None]
@@ -343,14 +373,12 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
             toks, zq, dcache = _draft(params_d, spec, state, positions, k_draft)
         else:
             toks, zq = state.root[:, None], None
-    # 2. verify: one target forward over the whole tree
-    logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
-    # 3. accept
+    # 2. verify: one target forward over the whole tree; 3. accept
     if spec.ngram is not None:
-        walked = _walk_dynamic(spec, logits_t, toks, parents, state.sampling, k_walk)
+        acc, path, bonus, ranks, cache = _ngram_verify(params_t, spec, state, drafted, k_walk)
     else:
-        walked = _walk(spec, logits_t, zq, toks, state.sampling, k_walk)
-    acc, path, bonus, ranks = walked
+        logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
+        acc, path, bonus, ranks = _walk(spec, logits_t, zq, toks, state.sampling, k_walk)
     live = ~state.done
     # 4. emit accepted tokens + bonus, truncated at EOS and max_new
     emitted = jnp.concatenate([toks[rows[:, None], path[:, :D]] if D else toks[:, :0],
@@ -518,9 +546,8 @@ def _phases(params_t, params_d, state: SpecState, spec: SpecConfig):
         def ngram_draft():
             return _ngram_draft(spec, params_d, state)
 
-        def ngram_verify(drafted):
-            toks, _, positions, anc = drafted
-            return forward(params_t, spec.target, toks, positions, state.cache, anc)
+        def ngram_verify(drafted):  # the forward and the accept walk (adaptive: one width)
+            return _ngram_verify(params_t, spec, state, drafted, state.rng)
 
         return ngram_draft, ngram_verify
     positions = state.cache.lengths[:, None] + jnp.asarray(spec.tree.depth)[None]

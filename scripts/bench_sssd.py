@@ -6,8 +6,9 @@ Prompt sets:
     category (MT-bench's eight grouped as mt_bench).
   * HumanEval (`HumanEval.jsonl`): the first `--humaneval` problems, raw code prompt (completion,
     no chat template), as the category `humaneval`.
-Part 1, batch 1: jaxspec `--methods` (default: `ar`, `sssd:6` / `sssd` = drafts from the row's
-own prompt + output, 6 / auto draft tokens, and `sssd-ds:6` / `sssd-ds`, also from `--datastore`,
+Part 1, batch 1: jaxspec `--methods` (default: `ar`, `sssd:6` / `sssd:adaptive` = drafts from
+the row's own prompt + output, 6 draft tokens / the verify width chosen every step, and
+`sssd-ds:6` / `sssd-ds:adaptive`, also from `--datastore`,
 built from a corpus disjoint from these prompts: Python's standard library), through
 `jaxspec.bench.run_methods` (the `jaxspec bench` machinery: warm-up compiles
 first, compile time never in the timings). Then transformers `generate` on the same weights
@@ -60,10 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument(
         "--methods",
-        default="ar,sssd:6,sssd-ds:6,sssd,sssd-ds",
-        help="batch-1 methods (jaxspec bench forms; sssd = auto draft tokens)",
+        default="ar,sssd:6,sssd-ds:6,sssd:adaptive,sssd-ds:adaptive",
+        help="batch-1 methods (jaxspec bench forms; sssd = auto draft tokens, sssd:adaptive = "
+        "the verify width chosen every step)",
     )
-    p.add_argument("--sweep-methods", default="ar,sssd,sssd-ds,sssd-ds:6")
+    p.add_argument("--sweep-methods", default="ar,sssd-ds:6,sssd:adaptive,sssd-ds:adaptive")
     p.add_argument(
         "--pld-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens"
     )
@@ -187,7 +189,10 @@ def report(args, info, part1, hf, sweep, n_prompts) -> str:
         f"{n_prompts} prompts (Spec-Bench {args.per_category}/category with chat template; "
         f"HumanEval first {args.humaneval}, raw completion), greedy, fp32, "
         f"{args.max_new_tokens} new tokens, datastore `{info['datastore']}` "
-        f"({info['ds_tokens']:,} tokens). `sssd:N` = N draft tokens per step; plain `sssd`: "
+        f"({info['ds_tokens']:,} tokens). `sssd:N` = N draft tokens per step; "
+        "`sssd:adaptive` = a 15-node tree of which each step verifies the w best, w in "
+        "{0, 1, 3, 7, 15} chosen on device from the nodes' calibrated scores and the device "
+        "timing table (w = 0: an AR step); plain `sssd`: "
         f"auto draft tokens, at batch 1 {info['draft_tokens']} (0 = AR; from the measured "
         "tau(N) profiles and device timing table where present, else SSSD's roofline rule). "
         "Definitions: the docstring of `scripts/bench_sssd.py`.",

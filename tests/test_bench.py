@@ -83,6 +83,12 @@ def test_parse_methods():
         MethodSpec("ar", "ar"),
         MethodSpec("tree:kary_2x3", "tree", tree="kary_2x3"),
     ]
+    ms = parse_methods("sssd:adaptive,sssd-ds:4,sssd")
+    assert [(m.name, m.draft_tokens, m.datastore) for m in ms[1:]] == [
+        ("sssd:adaptive", "adaptive", False),
+        ("sssd-ds:4", 4, True),
+        ("sssd", None, False),
+    ]
 
 
 def test_spec_namespace_carries_the_draft_model_options():

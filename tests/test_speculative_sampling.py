@@ -95,12 +95,18 @@ def test_joint_with_spechub_at_every_binary_node():
     assert ok, (chi2, dof)
 
 
-@pytest.mark.parametrize("nodes,datastore", [(2, False), (4, False), (4, True)])
-def test_joint_with_ngram_trees_matches_target(nodes, datastore):
+@pytest.mark.parametrize(
+    "nodes,datastore,adaptive",
+    [(2, False, False), (4, False, False), (4, True, False), (4, True, True)],
+)
+def test_joint_with_ngram_trees_matches_target(nodes, datastore, adaptive):
+    """`adaptive`: the verify width is chosen per step from the batch's trees (0, 1 or 4 nodes;
+    costs low enough that drafts are verified) — still lossless."""
     from jaxspec.drafting.datastore import Datastore, build_arrays
 
+    widths = dict(widths=(0, 1, 4), width_cost=(1.0, 1.01, 1.02)) if adaptive else {}
     ngram = NgramConfig(num_nodes=nodes, branch_length=2, max_query=2, matches_per_length=2,
-                        datastore_matches=4, min_datastore_matches=2)  # fmt: skip
+                        datastore_matches=4, min_datastore_matches=2, **widths)  # fmt: skip
     ds = None
     if datastore:  # a random corpus over the 8 tokens: every query has continuations
         docs = np.random.default_rng(0).integers(0, 8, (20, 30)).tolist()

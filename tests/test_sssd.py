@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxspec.drafting.ngram import NgramConfig, build_tree, history_groups
+from jaxspec.drafting.ngram import NgramConfig, build_tree, choose_width, history_groups
 from jaxspec.errors import ConfigError
 from jaxspec.model import init_params
 from jaxspec.sampling import SamplingParams
@@ -100,7 +100,7 @@ def test_tree_is_sssd_best_first_merge(seed, n):
     rng = np.random.default_rng(seed)
     groups = random_groups(rng)
     want = best_first(groups, n)
-    tokens, parents, depths, anc = (np.asarray(x)[0] for x in device_tree(groups, n))
+    tokens, parents, depths, anc, sc = (np.asarray(x)[0] for x in device_tree(groups, n))
     pre = tree_prefixes(tokens, parents, depths)
     got = {p: None for i, p in pre.items() if i > 0}
     assert len(got) == len(pre) - 1, "two nodes hold the same prefix (duplicate siblings)"
@@ -112,6 +112,12 @@ def test_tree_is_sssd_best_first_merge(seed, n):
                         / max(sum(len(s) > 0 for s in ss), 1)
                         for ss, base, disc in groups)  # fmt: skip
     np.testing.assert_allclose(sorted(scores.values()), sorted(want.values()), rtol=1e-5)
+    # the returned scores are those scores, best first (so every leading slice is a tree)
+    used = parents[1:] >= 0
+    np.testing.assert_allclose(sorted(sc[1:][used]), sorted(want.values()), rtol=1e-5)
+    assert np.all(np.diff(sc[1:]) <= 1e-6) and np.all(sc[1:][~used] == 0) and sc[0] == 1
+    for w in range(n + 1):  # a leading slice is closed under parents
+        assert np.all(parents[1 : w + 1] < np.arange(1, w + 1))
     # the ancestor-or-self mask is the closure of the parents table
     for i in range(len(parents)):
         closure, j = {i}, i
@@ -122,7 +128,7 @@ def test_tree_is_sssd_best_first_merge(seed, n):
 
 
 def test_unused_slots_are_never_children():
-    tokens, parents, depths, anc = (np.asarray(x)[0] for x in device_tree([([[1, 2]], 1.0, 1.0)],
+    tokens, parents, depths, anc, _ = (np.asarray(x)[0] for x in device_tree([([[1, 2]], 1.0, 1.0)],
                                                                           6))  # fmt: skip
     assert parents.tolist() == [-1, 0, 1, -1, -1, -1, -1]
     assert depths.tolist() == [0, 1, 2, 0, 0, 0, 0]
@@ -158,6 +164,12 @@ def test_config_errors():
         NgramConfig(history_discount=0.9)
     with pytest.raises(ConfigError, match="point_mass"):
         SpecConfig(CFG, CFG, chain(0), "swor", ngram=NgramConfig())
+    with pytest.raises(ConfigError, match="widths must be increasing"):
+        NgramConfig(num_nodes=4, widths=(0, 8), width_cost=(1.0, 2.0))
+    with pytest.raises(ConfigError, match="one positive cost per width"):
+        NgramConfig(num_nodes=4, widths=(0, 4), width_cost=(1.0,))
+    with pytest.raises(ConfigError, match="accept_knots"):
+        NgramConfig(accept_knots=((0.0, 0.0), (0.5, 1.5)))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -194,6 +206,54 @@ def test_greedy_equals_autoregressive(ngram):
     st = generate(SpecConfig(CFG, CFG, chain(0), "greedy", ngram=ngram), prompts, lengths, max_new)
     assert outputs(st) == want
     assert int(np.asarray(st.accepted).sum()) > 0, "no n-gram draft was ever accepted"
+
+
+def test_adaptive_width_is_lossless_and_takes_the_chosen_branch():
+    """Adaptive verify widths: every step runs the width `choose_width` picks. Forcing width 0
+    (a huge cost on N) is plain AR (nothing accepted, one token per step); forcing N is the
+    fixed-width drafter step for step; realistic costs mix both and stay token-identical."""
+    prompts, lengths = batch([3, 17, 9, 30, 25], seed=1, period=5)
+    max_new = jnp.asarray([48, 11, 48, 5, 30])
+    want = outputs(generate(SpecConfig(CFG, CFG, chain(0)), prompts, lengths, max_new))
+    base = NgramConfig(num_nodes=8, branch_length=4)
+
+    def run(**kw):
+        spec = SpecConfig(CFG, CFG, chain(0), "greedy", ngram=dataclasses.replace(base, **kw))
+        st = generate(spec, prompts, lengths, max_new)
+        assert outputs(st) == want
+        return st
+
+    fixed = run()
+    ar_only = run(widths=(0, 8), width_cost=(1.0, 1e6))
+    assert int(np.asarray(ar_only.accepted).sum()) == 0
+    assert int(ar_only.steps) == max(len(w) for w in want) - 1
+    full = run(widths=(0, 8), width_cost=(1e6, 1.0))
+    assert np.array_equal(np.asarray(full.accepted), np.asarray(fixed.accepted))
+    assert int(full.steps) == int(fixed.steps)
+    mixed = run(widths=(0, 1, 3, 8), width_cost=(1.0, 1.05, 1.1, 1.3))
+    assert 0 < int(np.asarray(mixed.accepted).sum()) <= int(np.asarray(fixed.accepted).sum())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_choose_width_is_the_brute_force_argmax(seed):
+    rng = np.random.default_rng(seed)
+    cfg = NgramConfig(num_nodes=6, widths=(0, 2, 3, 6), width_cost=(1.0, 1.2, 1.25, 1.6))
+    B = 4
+    scores = np.sort(rng.uniform(0, 1, (B, 6)) * (rng.uniform(size=(B, 6)) < 0.7), axis=1)[:, ::-1]
+    scores = np.concatenate([np.ones((B, 1)), scores], axis=1).astype(np.float32)
+    live = rng.uniform(size=B) < 0.8
+    xs, ys = zip(*cfg.accept_knots, strict=True)
+    best, got = None, int(choose_width(cfg, jnp.asarray(scores), jnp.asarray(live)))
+    values = []
+    for w, c in zip(cfg.widths, cfg.width_cost, strict=True):
+        tok = sum(1 + sum(np.interp(s, xs, ys) for s in scores[b, 1 : w + 1] if s > 0)
+                  for b in range(B) if live[b])  # fmt: skip
+        values.append(tok / c)
+    best = int(np.argmax(values))
+    assert values[got] == pytest.approx(values[best], rel=1e-5)
+    empty = np.zeros_like(scores)
+    empty[:, 0] = 1
+    assert int(choose_width(cfg, jnp.asarray(empty), jnp.asarray(live))) == 0  # no drafts: AR
 
 
 def test_datastore_drafts_are_lossless_and_accepted():
@@ -249,7 +309,8 @@ def test_sssd_generate_equals_ar_on_smollm2(smollm2, code_datastore, capsys):
     _, out, _ = run_cli(capsys, *common)
     want = [r["token_ids"] for r in json.loads(out)["results"]]
     for extra in (["--draft-tokens", "6"], ["--draft-tokens", "4", "--datastore",
-                                            str(code_datastore)]):  # fmt: skip
+                                            str(code_datastore)],
+                  ["--draft-tokens", "adaptive", "--datastore", str(code_datastore)]):  # fmt: skip
         code, out, err = run_cli(capsys, *common, "--method", "sssd", *extra)
         assert code == 0, err
         obj = json.loads(out)

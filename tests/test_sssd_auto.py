@@ -186,3 +186,40 @@ def test_bench_sssd_script_namespace_and_auto_choices(tmp_path, capsys):
             (bs.REPO / "configs" / "profiles" / f"{name}.toml").unlink()
     # ctx 256: 1.5·0.01/0.0107 = 1.4 -> N = 6; ctx 1024: 1.5·0.01/0.0171 < 1 -> AR
     assert got == "sssd 6/0 (ctx 256/1024); sssd-ds 6/0 (ctx 256/1024)"
+
+
+def test_adaptive_specs_cost_widths_from_the_device_table(tmp_path):
+    """`--draft-tokens adaptive`: each bucket's widths are those of ADAPTIVE_WIDTHS the table
+    measures (w + 1 <= its largest n), costed t(b, c, w + 1) / t(b, c, 1); the specs decode as
+    AR; a missing or malformed table names the file."""
+    from jaxspec.drafting.sssd_auto import ADAPTIVE_WIDTHS, AdaptiveSssdSpecs
+
+    t = [[[0.01, 0.012, 0.013, 0.02, 0.03]], [[0.02, 0.04, 0.08, 0.16, 0.32]]]
+    dev = tmp_path / "dev.toml"
+    write_toml(
+        dev, {"batches": [2, 8], "contexts": [64], "tokens": list(TOKENS), "target_s": t}, []
+    )
+    specs = AdaptiveSssdSpecs.load(dev, CFG, "greedy")
+    widths, costs = specs.costs(2, 40)
+    assert widths == tuple(w for w in ADAPTIVE_WIDTHS if w + 1 <= TOKENS[-1]) == (0, 1, 3, 7, 15)
+    want = [np.interp(w + 1, TOKENS, t[0][0]) / t[0][0][0] for w in widths]
+    np.testing.assert_allclose(costs, want)
+    assert specs.costs(5, 300) == specs.costs(8, 64)  # buckets: smallest >= or the largest
+    ng = specs(8, 40).ngram
+    assert ng.widths == widths and ng.num_nodes == 15 and ng.width_cost == specs.costs(8, 40)[1]
+    assert "b8/ctx64: 0:1.00 1:2.00" in specs.describe()
+    opts = GenerateOptions(max_new_tokens=16, batch_size=2)
+    want_out, _ = Runner(PARAMS, CFG).run(IDS, opts)
+    got, m = Runner(PARAMS, CFG, specs, None, time_phases=False).run(IDS, opts)
+    assert got == want_out
+    with pytest.raises(ConfigError, match="missing.toml"):
+        AdaptiveSssdSpecs.load(tmp_path / "missing.toml", CFG, "greedy")
+    bad = tmp_path / "bad.toml"
+    write_toml(
+        bad, {"batches": [1], "contexts": [64], "tokens": [2, 4], "target_s": [[[1, 2]]]}, []
+    )
+    with pytest.raises(ConfigError, match="n = 1"):
+        AdaptiveSssdSpecs.load(bad, CFG, "greedy")
+    write_toml(bad, {"batches": [1], "contexts": [64], "tokens": [1, 2], "target_s": [[[1]]]}, [])
+    with pytest.raises(ConfigError, match="shape"):
+        AdaptiveSssdSpecs.load(bad, CFG, "greedy")

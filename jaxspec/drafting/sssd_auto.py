@@ -165,6 +165,83 @@ class AutoSssdSpecs:
         return "draft tokens per bucket from the measured tables: " + ", ".join(parts)
 
 
+# verify widths offered to the adaptive drafter (w + 1 tokens per row must be in the device table)
+ADAPTIVE_WIDTHS = (0, 1, 3, 7, 15)
+
+
+def load_device_table(device: str | Path) -> dict:
+    """The `jaxspec profile device` table: batches, contexts, tokens, target_s (checked)."""
+    dev = _read_toml(device, "device timing table", "`jaxspec profile device`")
+    for k in ("batches", "contexts", "tokens", "target_s"):
+        if k not in dev:
+            raise ConfigError(f"{device}: no {k!r}: not a `jaxspec profile device` table")
+    shape = np.shape(dev["target_s"])
+    want = (len(dev["batches"]), len(dev["contexts"]), len(dev["tokens"]))
+    if shape != want:
+        raise ConfigError(f"{device}: target_s has shape {shape}, expected {want}")
+    if 1 not in dev["tokens"]:
+        raise ConfigError(f"{device}: the timing table needs n = 1 (the autoregressive step)")
+    return dev
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveSssdSpecs:
+    """`--draft-tokens adaptive` for the Runner: per (batch, context) bucket an n-gram drafter
+    whose verify width is chosen every step (`NgramConfig.widths`, `ngram.choose_width`) among
+    `ADAPTIVE_WIDTHS`, each costed by the measured t(b, c, w + 1) / t(b, c, 1) of the device
+    table (buckets as `--draft-tokens auto`; widths beyond the table's largest n are dropped)."""
+
+    cfg: object  # the target's ModelConfig
+    batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    tokens: tuple[int, ...]
+    target_s: tuple
+    verifier: str
+
+    @classmethod
+    def load(cls, device: str | Path, cfg, verifier: str) -> AdaptiveSssdSpecs:
+        dev = load_device_table(device)
+        target_s = tuple(tuple(tuple(r) for r in rows) for rows in dev["target_s"])
+        return cls(cfg, tuple(dev["batches"]), tuple(dev["contexts"]), tuple(dev["tokens"]),
+                   target_s, verifier)  # fmt: skip
+
+    def costs(self, batch: int, context: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+        b, c = _bucket(self.batches, batch), _bucket(self.contexts, context)
+        t = self.target_s[self.batches.index(b)][self.contexts.index(c)]
+        t1 = interp_time(self.tokens, t, 1)
+        pairs = [(w, interp_time(self.tokens, t, w + 1) / t1) for w in ADAPTIVE_WIDTHS]
+        pairs = [(w, cost) for w, cost in pairs if math.isfinite(cost)]
+        return tuple(w for w, _ in pairs), tuple(max(cost, 1e-6) for _, cost in pairs)
+
+    def ngram(self, batch: int, context: int):
+        from jaxspec.drafting.ngram import NgramConfig
+        from jaxspec.hardware import tree_depth
+
+        widths, costs = self.costs(batch, context)
+        n = max(widths[-1], 1)
+        return NgramConfig(num_nodes=n, branch_length=max(tree_depth(n + 1), 1),
+                           widths=widths, width_cost=costs)  # fmt: skip
+
+    def __call__(self, batch: int, context: int):
+        from jaxspec.speculative import SpecConfig
+        from jaxspec.trees import chain
+
+        return SpecConfig(self.cfg, self.cfg, chain(0), self.verifier,
+                          ngram=self.ngram(batch, context))  # fmt: skip
+
+    def describe(self) -> str:
+        parts = []
+        for b in self.batches:
+            for c in self.contexts:
+                w, cost = self.costs(b, c)
+                parts.append(
+                    f"b{b}/ctx{c}: "
+                    + " ".join(f"{x}:{y:.2f}" for x, y in zip(w, cost, strict=True))
+                )
+        return ("verify width chosen per step; width:relative cost per bucket: "
+                + ", ".join(parts))  # fmt: skip
+
+
 def sssd_profile_name(model: str, datastore: bool, temperature: float = 0.0) -> str:
     return f"{model}__sssd{'-ds' if datastore else ''}__T{temperature:g}"
 
