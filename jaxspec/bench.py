@@ -228,6 +228,10 @@ def log(msg: str):
 def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: list[str | None],
                 opts, args) -> dict:  # fmt: skip
     """{name: {"overall", "per_category", "identical_to_ar", "outputs"}} (Metrics objects)."""
+    import gc
+
+    import jax
+
     from jaxspec.cli import build_spec
     from jaxspec.runner import Runner
 
@@ -269,6 +273,11 @@ def run_methods(model, methods: list[MethodSpec], ids: list[list[int]], cats: li
         results[m.name] = dict(spec=m, overall=overall, per_category=per_cat, outputs=outputs,
                                nodes=dict(sorted(nodes.items())),
                                per_bucket=callable(spec))  # fmt: skip
+        # free this method's compiled programs: a long run of many buckets otherwise exhausts
+        # the JIT's memory maps ("LLVM compilation error: Cannot allocate memory")
+        del runner
+        jax.clear_caches()
+        gc.collect()
     ar = results[methods[0].name]
     for r in results.values():
         r["overall"].speedup_vs_ar = speedup(r["overall"], ar["overall"])

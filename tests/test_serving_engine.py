@@ -32,8 +32,8 @@ def prompts_and_ref():
     return prompts, ref
 
 
-def _ngram(n):
-    ngram = NgramConfig(num_nodes=n, branch_length=3)
+def _ngram(n, **kw):
+    ngram = NgramConfig(num_nodes=n, branch_length=3, **kw)
     return SpecConfig(CFG, CFG, chain(0), "point_mass", ngram=ngram)
 
 
@@ -76,6 +76,11 @@ def _expected(ref, max_tokens):
     [
         ("ar", None, None),
         ("sssd+ar buckets", lambda b: _ngram(4) if b <= 2 else None, None),
+        (
+            "sssd adaptive widths",
+            lambda b: _ngram(4, widths=(0, 1, 4), width_cost=(1, 1.05, 1.1)),
+            None,
+        ),
         ("chain draft model", lambda b: SpecConfig(CFG, CFG, chain(3), "swor"), PARAMS),
         # AR at bucket 4: the draft cache must stay in step through AR steps
         (

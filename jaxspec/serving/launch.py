@@ -1,12 +1,14 @@
 """`jaxspec serve`: options, the engine they describe, warm-up, and the server's start.
 
   jaxspec serve [--model NAME|DIR] [--method sssd|ar|chain|tree] [--datastore DIR]
-                [--draft-tokens N|auto] [--drafter ... --draft ... --gamma G --tree NAME|auto]
+                [--draft-tokens N|auto|adaptive]
+                [--drafter ... --draft ... --gamma G --tree NAME|auto]
                 [--max-batch B] [--max-context C] [--max-queue Q] [--host H] [--port P]
 
 Speculation per batch bucket (b = 1, 2, 4, ... up to --max-batch active slots):
   sssd (default)  n-gram drafts with N(b) tokens per row from SSSD's rule s(b) on this device's
-                  measured compute/bandwidth ratio (`--draft-tokens N` fixes it); where the rule
+                  measured compute/bandwidth ratio (`--draft-tokens N` fixes it; `adaptive`
+                  chooses the verify width every step, `ngram.choose_width`); where the rule
                   predicts no gain the bucket decodes autoregressively. Verified with the
                   point-mass rule: lossless for greedy and sampled requests alike.
   chain / tree    a draft model (--drafter / --draft), the same tree at every bucket
@@ -37,9 +39,11 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--method", default="sssd", choices=SERVE_METHODS,
                    help="speculation (default sssd: model-free, batch-aware)")  # fmt: skip
     p.add_argument("--datastore", metavar="DIR", help="SSSD token datastore")
-    p.add_argument("--draft-tokens", default="auto", metavar="N|auto",
+    p.add_argument("--draft-tokens", default="auto", metavar="N|auto|adaptive",
                    help="SSSD draft tokens per row (auto: per bucket from `jaxspec profile sssd` "
-                   "and `profile device` tables when present, else SSSD's s(b))")  # fmt: skip
+                   "and `profile device` tables when present, else SSSD's s(b); adaptive: "
+                   "up to 15, the verify width chosen every step, costed by the device "
+                   "table)")  # fmt: skip
     _add_draft_args(p)
     p.add_argument("--gamma", type=int, default=4, help="chain length for --method chain")
     p.add_argument("--tree", help="tree for --method tree (a name, a file, or auto)")
@@ -51,7 +55,8 @@ def add_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--profile-temperature", type=float, default=0.0,
                    help="--tree auto: which committed acceptance profile to read")  # fmt: skip
     p.add_argument("--device-profile", type=Path, metavar="FILE",
-                   help="--tree auto: device timing table (default: this device's)")  # fmt: skip
+                   help="--tree auto and --draft-tokens adaptive: device timing table "
+                   "(default: this device's)")  # fmt: skip
     p.add_argument("--max-batch", type=int, default=8, help="slots decoded together")
     p.add_argument("--max-context", type=int, default=2048,
                    help="prompt + generated tokens per request")  # fmt: skip
@@ -97,7 +102,13 @@ def spec_for_args(args, model, context: int):
             ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
 
         auto = None
-        if n is None:
+        if n == "adaptive":  # the verify width per step, costed by the device timing table
+            from jaxspec.drafting.sssd_auto import AdaptiveSssdSpecs
+            from jaxspec.profiling import device_profile_path
+
+            dev = args.device_profile or device_profile_path(Path(str(model.name)).name)
+            auto = AdaptiveSssdSpecs.load(dev, model.cfg, "point_mass")
+        elif n is None:
             from jaxspec.cli import sssd_auto_tables
             from jaxspec.drafting.sssd_auto import AutoSssdSpecs
 
