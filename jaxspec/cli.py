@@ -517,7 +517,7 @@ def auto_spec(args, model, dcfg, dname: str, verifier: str):
     import tomllib
 
     from jaxspec.errors import ConfigError
-    from jaxspec.profiling import PROFILE_DIR, device_profile_path, profile_name, read_profile
+    from jaxspec.profiling import PROFILE_DIR, profile_name, read_profile
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees.sequoia import AutoTree, topology_table
 
@@ -526,7 +526,7 @@ def auto_spec(args, model, dcfg, dname: str, verifier: str):
         args.acceptance_profile
         or PROFILE_DIR / f"{profile_name(mname, dname, args.temperature)}.toml"
     )
-    dev_path = args.device_profile or device_profile_path(mname)
+    dev_path = device_table_path(args, model)
     try:
         device = tomllib.loads(Path(dev_path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -570,6 +570,14 @@ def build_draft(args, model):
         ) from None
     dcfg, dparams = layer_skip(model.params, model.cfg, keep)
     return dcfg, dparams, layerskip_name(tuple(sorted(keep)))
+
+
+def device_table_path(args, model) -> Path:
+    """--device-profile, or this device's table for the model (`jaxspec profile device`)."""
+    from jaxspec.profiling import device_profile_path
+
+    given = getattr(args, "device_profile", None)
+    return Path(given) if given else device_profile_path(Path(str(model.name)).name)
 
 
 def parse_draft_tokens(text) -> int | str | None:
@@ -627,13 +635,13 @@ def sssd_auto_tables(args, model, with_datastore: bool):
     None when the default profile files do not exist (then SSSD's roofline rule applies, and a
     line on stderr says so). Files named explicitly must exist and parse."""
     from jaxspec.drafting.sssd_auto import load_sssd_auto, sssd_profile_name
-    from jaxspec.profiling import PROFILE_DIR, device_profile_path
+    from jaxspec.profiling import PROFILE_DIR
 
     mname = Path(str(model.name)).name
     given = getattr(args, "acceptance_profile", None)
     prof = Path(given) if given else PROFILE_DIR / (
         sssd_profile_name(mname, with_datastore, args.temperature) + ".toml")  # fmt: skip
-    dev = getattr(args, "device_profile", None) or device_profile_path(mname)
+    dev = device_table_path(args, model)
     if not given and not (prof.is_file() and Path(dev).is_file()):
         missing = prof if not prof.is_file() else dev
         print(f"sssd --draft-tokens auto: {missing} not found (make it with `jaxspec profile "
@@ -660,11 +668,8 @@ def build_sssd(args, model):
         ds, _ = load_datastore(args.datastore, expected_vocab=vocab)
     if n == "adaptive":  # the verify width per step, costed by the device timing table
         from jaxspec.drafting.sssd_auto import AdaptiveSssdSpecs
-        from jaxspec.profiling import device_profile_path
 
-        dev = getattr(args, "device_profile", None) or device_profile_path(
-            Path(str(model.name)).name)  # fmt: skip
-        return AdaptiveSssdSpecs.load(dev, model.cfg, verifier), ds
+        return AdaptiveSssdSpecs.load(device_table_path(args, model), model.cfg, verifier), ds
     if n is None:
         auto = sssd_auto_tables(args, model, ds is not None)
         if auto is not None:

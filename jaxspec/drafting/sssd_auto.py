@@ -118,10 +118,7 @@ def load_sssd_auto(profile: str | Path, device: str | Path, min_speedup: float =
     for k in ("draft_tokens", "tau"):
         if not isinstance(prof.get(k), list):
             raise ConfigError(f"{profile}: no {k!r} list: not a `jaxspec profile sssd` file")
-    dev = _read_toml(device, "device timing table", "`jaxspec profile device`")
-    for k in ("batches", "contexts", "tokens", "target_s"):
-        if k not in dev:
-            raise ConfigError(f"{device}: no {k!r}: not a `jaxspec profile device` table")
+    dev = load_device_table(device)
     try:
         return SssdAuto(
             tuple(int(x) for x in prof["draft_tokens"]), tuple(float(x) for x in prof["tau"]),

@@ -103,11 +103,10 @@ def spec_for_args(args, model, context: int):
 
         auto = None
         if n == "adaptive":  # the verify width per step, costed by the device timing table
+            from jaxspec.cli import device_table_path
             from jaxspec.drafting.sssd_auto import AdaptiveSssdSpecs
-            from jaxspec.profiling import device_profile_path
 
-            dev = args.device_profile or device_profile_path(Path(str(model.name)).name)
-            auto = AdaptiveSssdSpecs.load(dev, model.cfg, "point_mass")
+            auto = AdaptiveSssdSpecs.load(device_table_path(args, model), model.cfg, "point_mass")
         elif n is None:
             from jaxspec.cli import sssd_auto_tables
             from jaxspec.drafting.sssd_auto import AutoSssdSpecs
