@@ -149,16 +149,21 @@ def read_profile(path: str | Path) -> dict:
 # ---- device timing tables (Sequoia's hardware-aware optimiser, MagicDec's cost model) ----------
 
 
-def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int = 3) -> float:
+def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int = 3,
+                 layout: str = "auto") -> float:  # fmt: skip
     """Median seconds of one jitted forward of `tokens` in-flight tokens per row over a cache
-    holding `context` committed tokens per row (compile and warm-up excluded)."""
+    holding `context` committed tokens per row (compile and warm-up excluded), with the weights
+    in the layout a `Runner(layout=...)` decodes with."""
     import time
 
     import jax
     import jax.numpy as jnp
 
-    from jaxspec.drafting.vocab import draft_forward, model_params
+    from jaxspec.drafting.vocab import draft_forward, in_layout, model_params
     from jaxspec.kv_cache import init_cache
+    from jaxspec.runner import resolve_layout
+
+    params = in_layout(params, resolve_layout(layout))
 
     cache = init_cache(cfg, batch, context + tokens, model_params(params).embed.dtype)
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
@@ -177,9 +182,18 @@ def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int =
 
 
 def profile_device(params, cfg, batches, contexts, tokens, draft=None, reps: int = 3,
-                   progress: bool = True) -> dict:  # fmt: skip
-    """t_target[b][c][n] (and t_draft, same shape, for a (cfg, params) draft) in seconds."""
+                   progress: bool = True, layout: str = "auto") -> dict:  # fmt: skip
+    """t_target[b][c][n] (and t_draft, same shape, for a (cfg, params) draft) in seconds, with
+    the weights in the layout a `Runner(layout=...)` decodes with."""
     from tqdm import tqdm
+
+    from jaxspec.drafting.vocab import in_layout
+    from jaxspec.runner import resolve_layout
+
+    layout = resolve_layout(layout)
+    params = in_layout(params, layout)
+    if draft is not None:
+        draft = (draft[0], in_layout(draft[1], layout))
 
     grid = [(bi, ci, ni) for bi in range(len(batches)) for ci in range(len(contexts))
             for ni in range(len(tokens))]  # fmt: skip
@@ -187,10 +201,10 @@ def profile_device(params, cfg, batches, contexts, tokens, draft=None, reps: int
     drafted = np.zeros_like(target) if draft is not None else None
     for bi, ci, ni in tqdm(grid, desc="profile device", disable=not progress):
         b, c, n = batches[bi], contexts[ci], tokens[ni]
-        target[bi, ci, ni] = time_forward(params, cfg, b, c, n, reps)
+        target[bi, ci, ni] = time_forward(params, cfg, b, c, n, reps, layout)
         if draft is not None:
             dcfg, dparams = draft
-            drafted[bi, ci, ni] = time_forward(dparams, dcfg, b, c, n, reps)
+            drafted[bi, ci, ni] = time_forward(dparams, dcfg, b, c, n, reps, layout)
     out = {"batches": list(batches), "contexts": list(contexts), "tokens": list(tokens),
            "target_s": target.tolist()}  # fmt: skip
     if drafted is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.config import ModelConfig
+from jaxspec.drafting.vocab import in_layout
 from jaxspec.errors import InputError
 from jaxspec.generate import decode, prefill_jit
 from jaxspec.kv_cache import check_fits
@@ -57,6 +58,23 @@ class GenerateOptions:
         SamplingParams.make(1, self.temperature, self.top_k, self.top_p)
 
 
+LAYOUTS = ("auto", "input", "output")
+
+
+def resolve_layout(layout: str, mesh=None) -> str:
+    """The layout ("input" or "output") of a `Runner(layout=...)` choice (see there)."""
+    if layout not in LAYOUTS:
+        raise InputError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "auto":
+        return "output" if mesh is None and jax.default_backend() == "cpu" else "input"
+    if layout == "output" and mesh is not None:
+        raise InputError(
+            "layout='output' is for one device (the sharding rules name the input-major "
+            "layout); use 'input' or 'auto' with a mesh"
+        )
+    return layout
+
+
 def check_prompts(prompts: list[list[int]], cfg: ModelConfig, max_new_tokens: int):
     for i, ids in enumerate(prompts):
         if len(ids) == 0:
@@ -87,12 +105,20 @@ class Runner:
     bucket; context = padded prompt length + output buffer."""
 
     def __init__(self, params: Params, cfg: ModelConfig, spec=None, draft_params=None, mesh=None,
-                 time_phases: bool = True):  # fmt: skip
+                 time_phases: bool = True, layout: str = "auto"):  # fmt: skip
         """`mesh` (`jaxspec.sharding.make_mesh`): params sharded by the rules, each batch's rows
         over `data` (the batch is padded to a multiple of it); None: one device.
         `time_phases`: time the draft and verify phases of each speculative bucket apart (the
-        draft/verify split of the metrics; extra compiles); off for studies of tokens per step."""
+        draft/verify split of the metrics; extra compiles); off for studies of tokens per step.
+        `layout` of the weights while decoding: "input" (input-major, as checkpoints hold
+        them), "output" (`jaxspec.model.output_major`: the faster form on CPU) or "auto"
+        (output on a single CPU device, input otherwise); params in the other layout are
+        converted (a copy)."""
         self.mesh, self.time_phases = mesh, time_phases
+        self.layout = resolve_layout(layout, mesh)
+        same = draft_params is params  # self-speculation: one converted copy
+        params = in_layout(params, self.layout)
+        draft_params = params if same else in_layout(draft_params, self.layout)
         if mesh is not None:
             params = sharding.shard_params(params, cfg, mesh)
             if isinstance(draft_params, Params):  # a draft model (not an n-gram datastore)

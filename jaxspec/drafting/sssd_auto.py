@@ -208,7 +208,10 @@ class AdaptiveSssdSpecs:
         t1 = interp_time(self.tokens, t, 1)
         pairs = [(w, interp_time(self.tokens, t, w + 1) / t1) for w in ADAPTIVE_WIDTHS]
         pairs = [(w, cost) for w, cost in pairs if math.isfinite(cost)]
-        return tuple(w for w, _ in pairs), tuple(max(cost, 1e-6) for _, cost in pairs)
+        # more tokens never cost less: a noisy row (t(2) < t(1) was measured once at batch 8)
+        # would make a wider verify look free, so costs are made non-decreasing in w
+        costs = np.maximum.accumulate([max(cost, 1e-6) for _, cost in pairs])
+        return tuple(w for w, _ in pairs), tuple(float(c) for c in costs)
 
     def ngram(self, batch: int, context: int):
         from jaxspec.drafting.ngram import NgramConfig

@@ -44,6 +44,18 @@ def model_params(params_d) -> Params:
     return params_d.params if isinstance(params_d, VocabDraft) else params_d
 
 
+def in_layout(params_d, layout: str):
+    """A model or draft's params in `layout`, "input" or "output" (`jaxspec.model.output_major`):
+    a `Params`, a `VocabDraft` (its transformer converted) or anything else (an n-gram datastore:
+    unchanged). Params already in the layout are returned as they are."""
+    from jaxspec.model import input_major, output_major
+
+    convert = output_major if layout == "output" else input_major
+    if isinstance(params_d, VocabDraft):
+        return params_d.replace(params=convert(params_d.params))
+    return convert(params_d) if isinstance(params_d, Params) else params_d
+
+
 def draft_forward(
     params_d,
     cfg: ModelConfig,

@@ -3,8 +3,12 @@
 from jaxspec.model.params import (
     LOGICAL_AXES,
     LayerParams,
+    LayerWeights,
     Params,
     init_params,
+    input_major,
+    is_output_major,
+    output_major,
     param_shapes,
 )
 from jaxspec.model.transformer import causal_mask, forward, forward_hidden, lm_head
@@ -12,11 +16,15 @@ from jaxspec.model.transformer import causal_mask, forward, forward_hidden, lm_h
 __all__ = [
     "LOGICAL_AXES",
     "LayerParams",
+    "LayerWeights",
     "Params",
     "causal_mask",
     "forward",
     "forward_hidden",
     "init_params",
+    "input_major",
+    "is_output_major",
     "lm_head",
     "param_shapes",
+    "output_major",
 ]

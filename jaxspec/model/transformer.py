@@ -10,6 +10,11 @@ returns float32 logits [B, T, V] and the cache with the new K/V written.
 
 Inside the layers the cache is only read (prefix attention); the T new K/V rows of every layer
 are scattered into the (donated) cache afterwards, in place.
+
+Two layouts of the same stacked params (`jaxspec.model.params`): input-major `LayerParams`
+(checkpoints, sharding, training) and output-major `LayerWeights` (`output_major`; each weight
+the left operand of its dot: the faster form on XLA:CPU). Both give the same logits up to float
+rounding.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache
 from jaxspec.model.attention import attend
 from jaxspec.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
-from jaxspec.model.params import Params
+from jaxspec.model.params import LayerWeights, Params, is_output_major
 from jaxspec.types import Array, Bool, Float, Int
 
 
@@ -62,8 +67,12 @@ def forward_hidden(
     def layer(carry, xs):
         h, state = carry
         lp, k_cache, v_cache, index = xs
+        om = isinstance(lp, LayerWeights)  # output-major projections
         x = rms_norm(h, lp.attn_norm, cfg.rms_norm_eps)
-        qkv = jnp.einsum("btm,mkce->btkce", x, lp.wqkv)  # one fused projection
+        if om:  # the weight is the dot's left operand; [K, G2, E, B, T] → [B, T, K, G2, E]
+            qkv = jnp.einsum("kcem,btm->kcebt", lp.wqkv, x).transpose(3, 4, 0, 1, 2)
+        else:
+            qkv = jnp.einsum("btm,mkce->btkce", x, lp.wqkv)  # one fused projection
         if lp.bqkv is not None:
             qkv = qkv + lp.bqkv
         G = cfg.group_size
@@ -78,9 +87,18 @@ def forward_hidden(
             att, state = critiprefill.attend(
                 cp, cfg, index, state, q, k_cache, v_cache, lengths, k, v, inflight, positions
             )
-        h = h + jnp.einsum("bthe,hem->btm", att.astype(h.dtype), lp.wo)
+        att = att.astype(h.dtype)
+        if om:
+            h = h + jnp.einsum("mhe,bthe->mbt", lp.wo, att).transpose(1, 2, 0)
+        else:
+            h = h + jnp.einsum("bthe,hem->btm", att, lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
-        h = h + swiglu(x, lp.w_gate_up, lp.w_down)
+        if om:
+            gate_up = jnp.einsum("cfm,btm->cfbt", lp.w_gate_up, x)
+            a = jax.nn.silu(gate_up[0]) * gate_up[1]
+            h = h + jnp.einsum("mf,fbt->mbt", lp.w_down, a).transpose(1, 2, 0)
+        else:
+            h = h + swiglu(x, lp.w_gate_up, lp.w_down)
         return (h, state), (k, v, q if queries else None)
 
     xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))
@@ -98,7 +116,9 @@ def forward_hidden(
 
 def lm_head(params: Params, h: Float[Array, "B T M"]) -> Float[Array, "B T V"]:
     """float32 logits; the head is the embedding matrix when tied (lm_head is None)."""
-    if params.lm_head is None:
+    if params.lm_head is None and is_output_major(params):  # the table as the dot's left operand
+        logits = jnp.einsum("vm,btm->vbt", params.embed, h).transpose(1, 2, 0)
+    elif params.lm_head is None:
         logits = jnp.einsum("btm,vm->btv", h, params.embed)
     else:
         logits = jnp.einsum("btm,mv->btv", h, params.lm_head)

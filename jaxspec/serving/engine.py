@@ -46,13 +46,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.config import ModelConfig
-from jaxspec.drafting.vocab import model_params
+from jaxspec.drafting.vocab import in_layout, model_params
 from jaxspec.errors import ConfigError, InputError
 from jaxspec.generate import ar_spec
 from jaxspec.kv_cache import KVCache, check_fits, init_cache
 from jaxspec.model import forward_hidden
 from jaxspec.prefill import prefill_cache, prefill_chunk
-from jaxspec.runner import next_pow2, prompt_bucket
+from jaxspec.runner import next_pow2, prompt_bucket, resolve_layout
 from jaxspec.sampling import SamplingParams
 from jaxspec.serving.metrics import EngineMetrics
 from jaxspec.speculative import SpecConfig, SpecState, _spec_step, spec_start
@@ -256,8 +256,14 @@ class Engine:
 
     def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig(),
                  spec_for: Callable[[int], SpecConfig | None] | None = None, draft=None,
-                 metrics: EngineMetrics | None = None):  # fmt: skip
+                 metrics: EngineMetrics | None = None, layout: str = "auto"):  # fmt: skip
+        """`layout` of the weights while decoding, as `jaxspec.runner.Runner`'s (auto: the
+        output-major layout on a CPU)."""
         config.validate(cfg)
+        layout = resolve_layout(layout)
+        same = draft is params  # self-speculation: one converted copy
+        params = in_layout(params, layout)
+        draft = params if same else in_layout(draft, layout)
         self.params, self.cfg, self.config, self.draft = params, cfg, config, draft
         self.buckets = [1 << i for i in range(next_pow2(config.max_batch).bit_length())]
         self.buckets = [b for b in self.buckets if b < config.max_batch] + [config.max_batch]

@@ -1,0 +1,137 @@
+"""The two layouts of the same stacked params (`jaxspec.model.params`): input-major
+`LayerParams` and output-major `LayerWeights`.
+
+Invariants: output_major then input_major gives the params back bit for bit; every forward (tied and
+untied heads, q/k/v bias, causal and tree masks, the queries output, CritiPrefill's sparse
+prefill) gives the same logits, cache and queries in both layouts up to float32 rounding (the
+matmuls run with their operands swapped, so sums associate differently: the tolerance, 1e-4 on
+logits of magnitude ~5, is 5x the largest difference observed, 2e-5); the runner decodes the
+same tokens with `layout="output"` and `"input"`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.critiprefill import CritiPrefill
+from jaxspec.drafting.vocab import in_layout, make_vocab_draft
+from jaxspec.errors import InputError
+from jaxspec.kv_cache import init_cache
+from jaxspec.model import (
+    LayerWeights,
+    forward,
+    forward_hidden,
+    input_major,
+    is_output_major,
+    output_major,
+)
+from jaxspec.prefill import prefill_cache
+from jaxspec.runner import GenerateOptions, Runner, resolve_layout
+from jaxspec.testing import TINY, tiny_model
+
+QWEN = dataclasses.replace(TINY, arch="qwen2", attention_bias=True, tie_word_embeddings=False)
+CASES = {"llama tied": TINY, "qwen2 bias untied": QWEN}
+
+
+def close(a, b, atol=1e-4):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", list(CASES.values()), ids=list(CASES))
+def test_layout_roundtrip_and_shapes(cfg):
+    _, params = tiny_model(cfg=cfg)
+    om = output_major(params)
+    assert is_output_major(om) and not is_output_major(params)
+    assert isinstance(om.layers, LayerWeights)
+    L, M, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    lw = om.layers
+    assert lw.wqkv.shape == (L, cfg.num_kv_heads, cfg.group_size + 2, cfg.head_dim, M)
+    assert lw.wo.shape == (L, M, cfg.num_heads, cfg.head_dim)
+    assert lw.w_gate_up.shape == (L, 2, F, M) and lw.w_down.shape == (L, M, F)
+    assert (lw.bqkv is not None) == cfg.attention_bias
+    back = input_major(om)
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(back), leaves(params), strict=True):
+        assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+    assert output_major(om) is om and input_major(params) is params
+
+
+@pytest.mark.parametrize("cfg", list(CASES.values()), ids=list(CASES))
+def test_forward_is_the_same_in_both_layouts(cfg):
+    _, params = tiny_model(cfg=cfg)
+    un = output_major(params)
+    B, T, ctx = 2, 5, 7
+    rng = np.random.default_rng(0)
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    cache = init_cache(cfg, B, ctx + T)
+    # a committed prefix of different lengths per row
+    k0 = jnp.asarray(rng.normal(size=cache.k.shape), jnp.float32)
+    cache = cache.replace(k=k0, v=k0 * 0.5, lengths=jnp.asarray([ctx, 3], jnp.int32))
+    pos = cache.lengths[:, None] + jnp.asarray([0, 1, 1, 2, 2])[None]  # a small tree
+    parents = np.array([-1, 0, 0, 1, 2])
+    anc = np.eye(T, dtype=bool)
+    for i in range(1, T):
+        anc[i] |= anc[parents[i]]
+    for mask in (None, jnp.asarray(anc)[None]):
+        if mask is None:
+            pos = cache.lengths[:, None] + jnp.arange(T)[None]
+        fn = jax.jit(lambda p, c, m=mask, q=pos: forward(p, cfg, toks, q, c, m))
+        (la, ca), (lb, cb) = fn(params, cache), fn(un, cache)
+        close(la, lb)
+        close(ca.k, cb.k)
+        close(ca.v, cb.v)
+    qa = forward_hidden(params, cfg, toks, pos, cache, queries=True)[2]
+    qb = forward_hidden(un, cfg, toks, pos, cache, queries=True)[2]
+    assert qa.shape == qb.shape == (cfg.num_layers, B, T, cfg.num_heads, cfg.head_dim)
+    close(qa, qb)
+
+
+def test_sparse_prefill_is_the_same_in_both_layouts():
+    cfg, params = tiny_model(cfg=dataclasses.replace(TINY, max_position_embeddings=1024))
+    cfg = dataclasses.replace(cfg, prefill=CritiPrefill(64, 16, 64, 128))
+    rng = np.random.default_rng(1)
+    toks = jnp.asarray(rng.integers(4, cfg.vocab_size, (2, 384)), jnp.int32)
+    lengths = jnp.asarray([384, 250], jnp.int32)
+    ca, ha = prefill_cache(params, cfg, toks, lengths, slots=448, chunk=64)
+    cb, hb = prefill_cache(output_major(params), cfg, toks, lengths, slots=448, chunk=64)
+    close(ha, hb)
+    close(ca.k, cb.k)
+
+
+def test_runner_layouts_decode_the_same_tokens():
+    from jaxspec.speculative import SpecConfig
+    from jaxspec.trees import kary
+
+    cfg, params = tiny_model()
+    _, dparams = tiny_model(seed=1)
+    prompts = [[5, 9, 11, 4], [7, 8, 20, 21, 22, 30, 31], [12]]
+    opts = GenerateOptions(max_new_tokens=12, batch_size=4)
+    spec = SpecConfig(cfg, cfg, kary(2, 2))
+    vocab = make_vocab_draft(dparams, np.arange(0, cfg.vocab_size, 2))
+    for sp, dp in ((None, None), (spec, dparams), (spec, vocab)):
+        outs = {}
+        for layout in ("input", "output"):
+            r = Runner(params, cfg, sp, dp, time_phases=False, layout=layout)
+            assert r.layout == layout
+            assert is_output_major(r.params) == (layout == "output")
+            outs[layout] = r.run(prompts, opts)[0]
+        assert outs["input"] == outs["output"]
+        assert sum(map(len, outs["input"])) > len(prompts)
+    # self-speculation shares one converted copy; params in the other layout are converted
+    r = Runner(params, cfg, spec, params, layout="output")
+    assert r.draft_params is r.params
+    r = Runner(output_major(params), cfg, layout="input")
+    assert not is_output_major(r.params)
+    assert is_output_major(in_layout(vocab, "output").params)
+    assert in_layout(None, "output") is None  # no draft (or a datastore): unchanged
+
+
+def test_layout_choice_errors():
+    assert resolve_layout("auto") == ("output" if jax.default_backend() == "cpu" else "input")
+    with pytest.raises(InputError, match="layout must be one of auto, input, output, got 'fast'"):
+        resolve_layout("fast")
+    with pytest.raises(InputError, match="is for one device"):
+        resolve_layout("output", mesh=object())
+    assert resolve_layout("auto", mesh=object()) == "input"
