@@ -170,6 +170,8 @@ def test_config_errors():
         NgramConfig(num_nodes=4, widths=(0, 4), width_cost=(1.0,))
     with pytest.raises(ConfigError, match="accept_knots"):
         NgramConfig(accept_knots=((0.0, 0.0), (0.5, 1.5)))
+    with pytest.raises(ConfigError, match="objective must be 'sum' or 'slowest', got 'max'"):
+        NgramConfig(objective="max")
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -234,26 +236,42 @@ def test_adaptive_width_is_lossless_and_takes_the_chosen_branch():
     assert 0 < int(np.asarray(mixed.accepted).sum()) <= int(np.asarray(fixed.accepted).sum())
 
 
+@pytest.mark.parametrize("objective", ["sum", "slowest"])
 @pytest.mark.parametrize("seed", range(5))
-def test_choose_width_is_the_brute_force_argmax(seed):
+def test_choose_width_is_the_brute_force_argmax(seed, objective):
+    """ "sum": every live row's predicted tokens count; "slowest": only the live rows with the
+    most tokens left to emit (ties all count)."""
     rng = np.random.default_rng(seed)
-    cfg = NgramConfig(num_nodes=6, widths=(0, 2, 3, 6), width_cost=(1.0, 1.2, 1.25, 1.6))
+    cfg = NgramConfig(num_nodes=6, widths=(0, 2, 3, 6), width_cost=(1.0, 1.2, 1.25, 1.6),
+                      objective=objective)  # fmt: skip
     B = 4
     scores = np.sort(rng.uniform(0, 1, (B, 6)) * (rng.uniform(size=(B, 6)) < 0.7), axis=1)[:, ::-1]
     scores = np.concatenate([np.ones((B, 1)), scores], axis=1).astype(np.float32)
     live = rng.uniform(size=B) < 0.8
+    live[seed % B] = True
+    remaining = rng.integers(1, 4, B)
+    rows = live if objective == "sum" else live & (remaining == remaining[live].max())
     xs, ys = zip(*cfg.accept_knots, strict=True)
-    best, got = None, int(choose_width(cfg, jnp.asarray(scores), jnp.asarray(live)))
+    args = jnp.asarray(scores), jnp.asarray(live), jnp.asarray(remaining, jnp.int32)
+    best, got = None, int(choose_width(cfg, *args))
     values = []
     for w, c in zip(cfg.widths, cfg.width_cost, strict=True):
         tok = sum(1 + sum(np.interp(s, xs, ys) for s in scores[b, 1 : w + 1] if s > 0)
-                  for b in range(B) if live[b])  # fmt: skip
+                  for b in range(B) if rows[b])  # fmt: skip
         values.append(tok / c)
     best = int(np.argmax(values))
     assert values[got] == pytest.approx(values[best], rel=1e-5)
     empty = np.zeros_like(scores)
     empty[:, 0] = 1
-    assert int(choose_width(cfg, jnp.asarray(empty), jnp.asarray(live))) == 0  # no drafts: AR
+    assert int(choose_width(cfg, jnp.asarray(empty), *args[1:])) == 0  # no drafts: AR
+    # the slowest row alone decides: a strong tree in the only row left behind → widest;
+    # the same tree in a row that is ahead → AR
+    strong = np.zeros((2, 7), np.float32)
+    strong[:, 0], strong[0, 1:] = 1, 0.9
+    one = NgramConfig(num_nodes=6, widths=(0, 6), width_cost=(1.0, 1.9), objective="slowest")
+    pick = lambda rem: int(choose_width(one, jnp.asarray(strong), jnp.ones(2, bool),  # noqa: E731
+                                        jnp.asarray(rem, jnp.int32)))  # fmt: skip
+    assert pick([10, 3]) == 1 and pick([3, 10]) == 0
 
 
 def test_datastore_drafts_are_lossless_and_accepted():

@@ -209,6 +209,9 @@ def test_adaptive_specs_cost_widths_from_the_device_table(tmp_path):
     assert specs.costs(5, 300) == specs.costs(8, 64)  # buckets: smallest >= or the largest
     ng = specs(8, 40).ngram
     assert ng.widths == widths and ng.num_nodes == 15 and ng.width_cost == specs.costs(8, 40)[1]
+    assert ng.objective == "slowest"  # the runner's static batches; the engine asks for "sum"
+    engine_specs = AdaptiveSssdSpecs.load(dev, CFG, "greedy", objective="sum")
+    assert engine_specs(8, 40).ngram.objective == "sum"
     assert "b8/ctx64: 0:1.00 1:2.00" in specs.describe()
     opts = GenerateOptions(max_new_tokens=16, batch_size=2)
     want_out, _ = Runner(PARAMS, CFG).run(IDS, opts)

@@ -74,6 +74,11 @@ class NgramConfig:
     width_cost: tuple[float, ...] = ()
     # node score -> P(node accepted), piecewise linear over (score, probability) knots
     accept_knots: tuple[tuple[float, float], ...] = DEFAULT_ACCEPT_KNOTS
+    # whose predicted tokens the width maximises: "sum" (every live row: throughput when
+    # finished rows are replaced at once, as in the serving engine) or "slowest" (the live rows
+    # with the most tokens still to emit: a static batch ends with its slowest row, so tokens
+    # accepted by rows that will wait for it anyway buy nothing)
+    objective: str = "sum"
 
     def __post_init__(self):
         for f in ("num_nodes", "branch_length", "max_query", "matches_per_length",
@@ -89,6 +94,10 @@ class NgramConfig:
             raise ConfigError(
                 f"NgramConfig.width_cost needs one positive cost per width: widths {w}, "
                 f"costs {self.width_cost}"
+            )
+        if self.objective not in ("sum", "slowest"):
+            raise ConfigError(
+                f"NgramConfig.objective must be 'sum' or 'slowest', got {self.objective!r}"
             )
         xs = [k[0] for k in self.accept_knots]
         ys = [k[1] for k in self.accept_knots]
@@ -278,13 +287,24 @@ def expected_accepted(cfg: NgramConfig, scores: Float[Array, "B N1"]) -> Float[A
     return jnp.concatenate([jnp.zeros_like(p[:, :1]), jnp.cumsum(p, axis=1)], axis=1)
 
 
-def choose_width(cfg: NgramConfig, scores: Float[Array, "B N1"], live: Bool[Array, " B"]):
+def choose_width(
+    cfg: NgramConfig,
+    scores: Float[Array, "B N1"],
+    live: Bool[Array, " B"],
+    remaining: Int[Array, " B"] | None = None,
+):
     """Index into `cfg.widths` of this step's verify width: the argmax over w of
-    Σ_live rows (1 + E[accepted | w best nodes]) ÷ width_cost[w] (one width for the batch: the
-    forward's shape is shared). Rows with empty trees predict 1 token at any width, so a batch
-    of weak or empty trees decodes autoregressively when width 0 is offered."""
+    Σ_rows (1 + E[accepted | w best nodes]) ÷ width_cost[w] (one width for the batch: the
+    forward's shape is shared), the sum over the live rows, or for `cfg.objective == "slowest"`
+    over the live rows with the most `remaining` tokens to emit. Rows with empty trees predict
+    1 token at any width, so a batch of weak or empty trees decodes autoregressively when
+    width 0 is offered."""
     cum = expected_accepted(cfg, scores)  # [B, N + 1]
-    tokens = jnp.sum(jnp.where(live[:, None], 1.0 + cum, 0.0), axis=0)  # [N + 1]
+    rows = live
+    if cfg.objective == "slowest" and remaining is not None:
+        most = jnp.max(jnp.where(live, remaining, jnp.iinfo(jnp.int32).min))
+        rows = live & (remaining == most)
+    tokens = jnp.sum(jnp.where(rows[:, None], 1.0 + cum, 0.0), axis=0)  # [N + 1]
     value = tokens[jnp.asarray(cfg.widths)] / jnp.asarray(cfg.width_cost, jnp.float32)
     return jnp.argmax(value).astype(jnp.int32)
 

@@ -186,7 +186,9 @@ class AdaptiveSssdSpecs:
     """`--draft-tokens adaptive` for the Runner: per (batch, context) bucket an n-gram drafter
     whose verify width is chosen every step (`NgramConfig.widths`, `ngram.choose_width`) among
     `ADAPTIVE_WIDTHS`, each costed by the measured t(b, c, w + 1) / t(b, c, 1) of the device
-    table (buckets as `--draft-tokens auto`; widths beyond the table's largest n are dropped)."""
+    table (buckets as `--draft-tokens auto`; widths beyond the table's largest n are dropped).
+    `objective` (`NgramConfig.objective`): "slowest" for the runner's static batches (the
+    default), "sum" for the serving engine, whose finished rows are replaced at once."""
 
     cfg: object  # the target's ModelConfig
     batches: tuple[int, ...]
@@ -194,13 +196,15 @@ class AdaptiveSssdSpecs:
     tokens: tuple[int, ...]
     target_s: tuple
     verifier: str
+    objective: str = "slowest"
 
     @classmethod
-    def load(cls, device: str | Path, cfg, verifier: str) -> AdaptiveSssdSpecs:
+    def load(cls, device: str | Path, cfg, verifier: str,
+             objective: str = "slowest") -> AdaptiveSssdSpecs:  # fmt: skip
         dev = load_device_table(device)
         target_s = tuple(tuple(tuple(r) for r in rows) for rows in dev["target_s"])
         return cls(cfg, tuple(dev["batches"]), tuple(dev["contexts"]), tuple(dev["tokens"]),
-                   target_s, verifier)  # fmt: skip
+                   target_s, verifier, objective)  # fmt: skip
 
     def costs(self, batch: int, context: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
         b, c = _bucket(self.batches, batch), _bucket(self.contexts, context)
@@ -220,7 +224,7 @@ class AdaptiveSssdSpecs:
         widths, costs = self.costs(batch, context)
         n = max(widths[-1], 1)
         return NgramConfig(num_nodes=n, branch_length=max(tree_depth(n + 1), 1),
-                           widths=widths, width_cost=costs)  # fmt: skip
+                           widths=widths, width_cost=costs, objective=self.objective)  # fmt: skip
 
     def __call__(self, batch: int, context: int):
         from jaxspec.speculative import SpecConfig

@@ -14,9 +14,9 @@ names every leaf's axes for sharding.
 The output-major layout (`output_major`): the same stacked layers as `LayerWeights`, with the
 projections stored output-major (`wqkv [L, K, G + 2, E, M]`, `wo [L, M, H, E]`,
 `w_gate_up [L, 2, F, M]`, `w_down [L, M, F]`), so that each weight is the LEFT operand of its dot,
-contracted on its minor axis. On XLA:CPU that is the faster form: one-token decode steps ~8–20%
-and the 2–16-token forwards of speculative verification ~10–20% faster than `x @ w` (measured:
-`BENCHMARKS.md`, "Output-major weights"). Checkpoints, conversion, sharding and training use the
+contracted on its minor axis. On XLA:CPU that is the faster form: forwards of 2–16 tokens per
+row (speculative verification) ~8–14% faster at batch 1, the one-token step unchanged
+(`BENCHMARKS.md`, "Output-major weights"). Checkpoints, conversion, sharding and training use the
 input-major `LayerParams`; the runner converts for single-device CPU decoding.
 """
 

@@ -44,19 +44,21 @@ def forward_hidden(
     inflight: Bool[Array, "#B T T"] | None = None,
     sparse_prefill: Bool[Array, ""] | None = None,
     queries: bool = False,
+    write: bool = True,
 ) -> tuple[Float[Array, "B T M"], KVCache]:
     """Final-normed hidden states of the in-flight tokens, and the cache with their K/V written.
     `sparse_prefill` (a prefill chunk of a model with `cfg.prefill` set): whether this chunk runs
     CritiPrefill's block-sparse attention (`jaxspec/critiprefill.py`). `queries`: also return
-    every layer's post-RoPE queries [L, B, T, H, E] (SnapKV's observation window)."""
+    every layer's post-RoPE queries [L, B, T, H, E] (SnapKV's observation window).
+    `write=False`: the cache is only read, and the new K/V [L, B, T, K, E] are returned in its
+    place, for `write_kv` to write later (e.g. after a `lax.switch` over forwards of several
+    widths: a branch that writes the cache makes XLA copy the whole cache through the branch)."""
     B, T = tokens.shape
     if inflight is None:
         inflight = causal_mask(T)
     lengths = cache.lengths
     inv_freq = rope_inv_freq(cfg)
-    rows = jnp.arange(B)[:, None]
-    slots = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    from jaxspec.sharding import CACHE_AXES, constrain  # (imports the model package itself)
+    from jaxspec.sharding import constrain  # (imports the model package itself)
 
     h = constrain(params.embed[tokens], ("batch", None, "embed"))
     cp = cfg.prefill if sparse_prefill is not None else None
@@ -89,7 +91,8 @@ def forward_hidden(
             )
         att = att.astype(h.dtype)
         if om:
-            h = h + jnp.einsum("mhe,bthe->mbt", lp.wo, att).transpose(1, 2, 0)
+            wo, att = lp.wo.reshape(lp.wo.shape[0], -1), att.reshape(B, T, -1)  # one contraction
+            h = h + jnp.einsum("mh,bth->mbt", wo, att).transpose(1, 2, 0)
         else:
             h = h + jnp.einsum("bthe,hem->btm", att, lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
@@ -103,15 +106,25 @@ def forward_hidden(
 
     xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))
     (h, _), (k_new, v_new, q_all) = jax.lax.scan(layer, (h, state), xs)
-    # The new K/V rows go to slots lengths + t, written once after the layers, in place (writes
-    # past S are dropped). Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
+    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
+    out = write_kv(cache, k_new, v_new) if write else (k_new, v_new)
+    return (h, out, q_all) if queries else (h, out)
+
+
+def write_kv(
+    cache: KVCache, k_new: Float[Array, "L B T K E"], v_new: Float[Array, "L B T K E"]
+) -> KVCache:
+    """The cache with T new K/V rows per row written at slots lengths + t, in place (writes past
+    S are dropped); `lengths` is not advanced."""
+    from jaxspec.sharding import CACHE_AXES, constrain
+
+    B, T = k_new.shape[1:3]
+    rows = jnp.arange(B)[:, None]
+    slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    # Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
     k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
     v_all = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
-    k_all, v_all = constrain(k_all, CACHE_AXES), constrain(v_all, CACHE_AXES)
-    h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
-    if queries:
-        return h, cache.replace(k=k_all, v=v_all), q_all
-    return h, cache.replace(k=k_all, v=v_all)
+    return cache.replace(k=constrain(k_all, CACHE_AXES), v=constrain(v_all, CACHE_AXES))
 
 
 def lm_head(params: Params, h: Float[Array, "B T M"]) -> Float[Array, "B T V"]:

@@ -106,7 +106,9 @@ def spec_for_args(args, model, context: int):
             from jaxspec.cli import device_table_path
             from jaxspec.drafting.sssd_auto import AdaptiveSssdSpecs
 
-            auto = AdaptiveSssdSpecs.load(device_table_path(args, model), model.cfg, "point_mass")
+            auto = AdaptiveSssdSpecs.load(
+                device_table_path(args, model), model.cfg, "point_mass", objective="sum"
+            )  # rows are replaced as they finish
         elif n is None:
             from jaxspec.cli import sssd_auto_tables
             from jaxspec.drafting.sssd_auto import AutoSssdSpecs
