@@ -187,13 +187,13 @@ def profile_device(params, cfg, batches, contexts, tokens, draft=None, reps: int
     the weights in the layout a `Runner(layout=...)` decodes with."""
     from tqdm import tqdm
 
-    from jaxspec.drafting.vocab import in_layout
+    from jaxspec.drafting.vocab import pair_in_layout
     from jaxspec.runner import resolve_layout
 
-    layout = resolve_layout(layout)
-    params = in_layout(params, layout)
+    layout = resolve_layout(layout)  # converted once here; time_forward's conversion: a no-op
+    params, dparams = pair_in_layout(params, None if draft is None else draft[1], layout)
     if draft is not None:
-        draft = (draft[0], in_layout(draft[1], layout))
+        draft = (draft[0], dparams)
 
     grid = [(bi, ci, ni) for bi in range(len(batches)) for ci in range(len(contexts))
             for ni in range(len(tokens))]  # fmt: skip

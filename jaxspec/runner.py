@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.config import ModelConfig
-from jaxspec.drafting.vocab import in_layout
+from jaxspec.drafting.vocab import pair_in_layout
 from jaxspec.errors import InputError
 from jaxspec.generate import decode, prefill_jit
 from jaxspec.kv_cache import check_fits
@@ -116,9 +116,7 @@ class Runner:
         converted (a copy)."""
         self.mesh, self.time_phases = mesh, time_phases
         self.layout = resolve_layout(layout, mesh)
-        same = draft_params is params  # self-speculation: one converted copy
-        params = in_layout(params, self.layout)
-        draft_params = params if same else in_layout(draft_params, self.layout)
+        params, draft_params = pair_in_layout(params, draft_params, self.layout)
         if mesh is not None:
             params = sharding.shard_params(params, cfg, mesh)
             if isinstance(draft_params, Params):  # a draft model (not an n-gram datastore)

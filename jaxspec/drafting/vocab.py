@@ -56,6 +56,13 @@ def in_layout(params_d, layout: str):
     return convert(params_d) if isinstance(params_d, Params) else params_d
 
 
+def pair_in_layout(params: Params, draft, layout: str) -> tuple:
+    """(target, draft) params in `layout`; a self-speculation draft (the target's own params
+    object) stays the same object, so only one converted copy is made."""
+    converted = in_layout(params, layout)
+    return converted, converted if draft is params else in_layout(draft, layout)
+
+
 def draft_forward(
     params_d,
     cfg: ModelConfig,

@@ -26,7 +26,13 @@ from jaxspec import critiprefill
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache
 from jaxspec.model.attention import attend
-from jaxspec.model.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from jaxspec.model.layers import (
+    apply_rope,
+    rms_norm,
+    rope_inv_freq,
+    swiglu,
+    swiglu_output_major,
+)
 from jaxspec.model.params import LayerWeights, Params, is_output_major
 from jaxspec.types import Array, Bool, Float, Int
 
@@ -96,12 +102,8 @@ def forward_hidden(
         else:
             h = h + jnp.einsum("bthe,hem->btm", att, lp.wo)
         x = rms_norm(h, lp.mlp_norm, cfg.rms_norm_eps)
-        if om:
-            gate_up = jnp.einsum("cfm,btm->cfbt", lp.w_gate_up, x)
-            a = jax.nn.silu(gate_up[0]) * gate_up[1]
-            h = h + jnp.einsum("mf,fbt->mbt", lp.w_down, a).transpose(1, 2, 0)
-        else:
-            h = h + swiglu(x, lp.w_gate_up, lp.w_down)
+        mlp = swiglu_output_major if om else swiglu
+        h = h + mlp(x, lp.w_gate_up, lp.w_down)
         return (h, state), (k, v, q if queries else None)
 
     xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))

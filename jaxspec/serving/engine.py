@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.config import ModelConfig
-from jaxspec.drafting.vocab import in_layout, model_params
+from jaxspec.drafting.vocab import model_params, pair_in_layout
 from jaxspec.errors import ConfigError, InputError
 from jaxspec.generate import ar_spec
 from jaxspec.kv_cache import KVCache, check_fits, init_cache
@@ -260,10 +260,7 @@ class Engine:
         """`layout` of the weights while decoding, as `jaxspec.runner.Runner`'s (auto: the
         output-major layout on a CPU)."""
         config.validate(cfg)
-        layout = resolve_layout(layout)
-        same = draft is params  # self-speculation: one converted copy
-        params = in_layout(params, layout)
-        draft = params if same else in_layout(draft, layout)
+        params, draft = pair_in_layout(params, draft, resolve_layout(layout))
         self.params, self.cfg, self.config, self.draft = params, cfg, config, draft
         self.buckets = [1 << i for i in range(next_pow2(config.max_batch).bit_length())]
         self.buckets = [b for b in self.buckets if b < config.max_batch] + [config.max_batch]
