@@ -45,7 +45,7 @@ from flax import struct
 from jaxspec.config import ModelConfig
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache, init_cache
-from jaxspec.model import forward_hidden
+from jaxspec.model import forward_hidden, stacked
 from jaxspec.model.layers import apply_rope, rope_inv_freq
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Float, Int
@@ -215,6 +215,7 @@ def build_streaming(
                           f"({P}) and fit the window ({md.window})")  # fmt: skip
     dcache, ring = empty(md, cfg, B, max(scratch, chunk), params.embed.dtype)
     idx = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None], (B, chunk))
+    params = stacked(params)  # prompt chunks scan the layers (`jaxspec.prefill`)
 
     def body(c, carry):
         dcache, ring = carry
@@ -285,7 +286,7 @@ def build_snapkv(
     pos = jnp.clip(start[:, None] + jnp.arange(T)[None], 0, prompts.shape[1] - 1)
     toks = jnp.take_along_axis(prompts, pos, axis=1)
     # the forward's K/V writes are discarded (dead code); only the queries are used
-    _, _, q_obs = forward_hidden(params, cfg, toks, pos, dense.replace(lengths=start),
+    _, _, q_obs = forward_hidden(stacked(params), cfg, toks, pos, dense.replace(lengths=start),
                                  queries=True)  # fmt: skip
     sel = snapkv_select(md, q_obs, dense.k, P)  # [L, B, K, F]
     gather = jnp.broadcast_to(sel[..., None], sel.shape + (dense.k.shape[-1],))

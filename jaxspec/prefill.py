@@ -3,6 +3,7 @@
 Prompts are right-padded to P (a multiple of the chunk C); a `fori_loop` feeds C tokens of every
 row per iteration, and each row advances its cache length by its own count, so padding never
 enters the cache. Returns the cache and each row's final hidden state of its last prompt token.
+Unrolled weights are stacked once per call, so the chunks always walk the layers with `lax.scan`.
 With `cfg.prefill` (CritiPrefill) the chunk is its segment and each chunk decides on device whether
 it runs block-sparse (`jaxspec/critiprefill.py`).
 """
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from jaxspec import critiprefill
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache, advance, init_cache
-from jaxspec.model import forward_hidden
+from jaxspec.model import forward_hidden, stacked
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Bool, Float, Int
 
@@ -45,6 +46,7 @@ def prefill_cache(
     if P % chunk:
         raise ValueError(f"padded prompt length {P} is not a multiple of the chunk {chunk}")
     cache = init_cache(cfg, B, slots, params.embed.dtype)
+    params = stacked(params)  # unrolled weights: stacked once, the chunks scan the layers
 
     def body(c, carry):
         toks = jax.lax.dynamic_slice_in_dim(prompts, c * chunk, chunk, axis=1)
@@ -65,7 +67,9 @@ def prefill_chunk(
 ) -> tuple[KVCache, Float[Array, "B M"]]:
     """Chunk `c` (tokens [c·C, (c+1)·C) of each row) into the cache; `last_h` takes the hidden
     state of a row's last prompt token when this chunk holds it. `prefill_cache` loops over it;
-    the serving engine calls it one chunk at a time between decode steps."""
+    the serving engine calls it one chunk at a time between decode steps. Unrolled weights
+    (`jaxspec.model.unrolled`) are stacked for it (`jaxspec.model.stacked`)."""
+    params = stacked(params)
     chunk = toks.shape[1]
     cp = cfg.prefill
     n_valid = jnp.clip(prompt_lengths - c * chunk, 0, chunk)

@@ -1,9 +1,18 @@
 """Shared fixtures. Tests run on CPU in float32; `gpu`-marked tests skip without a GPU."""
 
 import gc
+import os
 
 import jax
 import pytest
+
+# What layout="auto" picks on the CPU (`jaxspec.runner.resolve_layout`): the stacked output-major
+# layout, not the default unrolled one, whose decode programs compile ~3x slower (the suite took
+# 22 min instead of 16). The layouts give the same logits and tokens, tested where the layout
+# is named explicitly: tests/test_model_layout.py (every layout, tiny models: forwards, runner
+# with AR/tree/vocabulary drafts, in-place cache updates), tests/test_smollm2.py (unrolled
+# SmolLM2 against transformers) and tests/test_sssd.py (adaptive SSSD unrolled).
+os.environ.setdefault("JAXSPEC_LAYOUT", "output")
 
 # The longest modules first, so that with `pytest -n 2 --dist loadfile` (the README's command)
 # they overlap the many short ones instead of finishing last (sharding: ~3 min of subprocesses).

@@ -1,14 +1,16 @@
-"""The two layouts of the same stacked params (`jaxspec.model.params`): input-major
-`LayerParams` and output-major `LayerWeights`.
+"""The three layouts of the same params (`jaxspec.model.params`): input-major `LayerParams`,
+output-major `LayerWeights` (stacked) and unrolled (a tuple of per-layer `LayerWeights`).
 
-Invariants: output_major then input_major gives the params back bit for bit; every forward (tied and
-untied heads, q/k/v bias, causal and tree masks, the queries output, CritiPrefill's sparse
-prefill) gives the same logits, cache and queries in both layouts up to float32 rounding (the
-matmuls run with their operands swapped, so sums associate differently: the tolerance, 1e-4 on
-logits of magnitude ~5, is 5x the largest difference observed, 2e-5); the runner decodes the
-same tokens with `layout="output"` and `"input"`."""
+Invariants: output_major / unrolled then input_major gives the params back bit for bit; every
+forward (tied and untied heads, q/k/v bias, causal and tree masks, the queries output, the
+write=False K/V, CritiPrefill's sparse prefill) gives the same logits, cache and queries in every
+layout up to float32 rounding (the matmuls run with their operands swapped, so sums associate
+differently: the tolerance, 1e-4 on logits of magnitude ~5, is 5x the largest difference
+observed, 2e-5); the runner decodes the same tokens in every layout; the unrolled decode step
+updates the donated cache in place (XLA copies no cache-sized buffer)."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +27,10 @@ from jaxspec.model import (
     forward_hidden,
     input_major,
     is_output_major,
+    is_unrolled,
     output_major,
+    stacked,
+    unrolled,
 )
 from jaxspec.prefill import prefill_cache
 from jaxspec.runner import GenerateOptions, Runner, resolve_layout
@@ -56,12 +61,26 @@ def test_layout_roundtrip_and_shapes(cfg):
     for a, b in zip(leaves(back), leaves(params), strict=True):
         assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
     assert output_major(om) is om and input_major(params) is params
+    un = unrolled(params)
+    assert is_unrolled(un) and is_output_major(un) and not is_unrolled(om)
+    assert len(un.layers) == L and all(isinstance(lp, LayerWeights) for lp in un.layers)
+    for i, lp in enumerate(un.layers):  # layer i of the stack, without the L axis
+        for a, b in zip(leaves(lp), leaves(lw), strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b[i]))
+    for back in (input_major(un), input_major(unrolled(om))):
+        for a, b in zip(leaves(back), leaves(params), strict=True):
+            assert a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(leaves(output_major(un)), leaves(om), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert unrolled(un) is un and stacked(om) is om and stacked(params) is params
+    assert isinstance(stacked(un).layers, LayerWeights)
 
 
 @pytest.mark.parametrize("cfg", list(CASES.values()), ids=list(CASES))
-def test_forward_is_the_same_in_both_layouts(cfg):
+@pytest.mark.parametrize("layout", ["output", "unrolled"])
+def test_forward_is_the_same_in_every_layout(cfg, layout):
     _, params = tiny_model(cfg=cfg)
-    un = output_major(params)
+    un = in_layout(params, layout)
     B, T, ctx = 2, 5, 7
     rng = np.random.default_rng(0)
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -86,18 +105,26 @@ def test_forward_is_the_same_in_both_layouts(cfg):
     qb = forward_hidden(un, cfg, toks, pos, cache, queries=True)[2]
     assert qa.shape == qb.shape == (cfg.num_layers, B, T, cfg.num_heads, cfg.head_dim)
     close(qa, qb)
+    (ha, (ka, va)), (hb, (kb, vb)) = (
+        forward_hidden(p, cfg, toks, pos, cache, write=False) for p in (params, un)
+    )
+    assert ka.shape == kb.shape == (cfg.num_layers, B, T, cfg.num_kv_heads, cfg.head_dim)
+    close(ha, hb)
+    close(ka, kb)
+    close(va, vb)
 
 
-def test_sparse_prefill_is_the_same_in_both_layouts():
+def test_sparse_prefill_is_the_same_in_every_layout():
     cfg, params = tiny_model(cfg=dataclasses.replace(TINY, max_position_embeddings=1024))
     cfg = dataclasses.replace(cfg, prefill=CritiPrefill(64, 16, 64, 128))
     rng = np.random.default_rng(1)
     toks = jnp.asarray(rng.integers(4, cfg.vocab_size, (2, 384)), jnp.int32)
     lengths = jnp.asarray([384, 250], jnp.int32)
     ca, ha = prefill_cache(params, cfg, toks, lengths, slots=448, chunk=64)
-    cb, hb = prefill_cache(output_major(params), cfg, toks, lengths, slots=448, chunk=64)
-    close(ha, hb)
-    close(ca.k, cb.k)
+    for other in (output_major(params), unrolled(params)):
+        cb, hb = prefill_cache(other, cfg, toks, lengths, slots=448, chunk=64)
+        close(ha, hb)
+        close(ca.k, cb.k)
 
 
 def test_runner_layouts_decode_the_same_tokens():
@@ -112,12 +139,13 @@ def test_runner_layouts_decode_the_same_tokens():
     vocab = make_vocab_draft(dparams, np.arange(0, cfg.vocab_size, 2))
     for sp, dp in ((None, None), (spec, dparams), (spec, vocab)):
         outs = {}
-        for layout in ("input", "output"):
+        for layout in ("input", "output", "unrolled"):
             r = Runner(params, cfg, sp, dp, time_phases=False, layout=layout)
             assert r.layout == layout
-            assert is_output_major(r.params) == (layout == "output")
+            assert is_output_major(r.params) == (layout != "input")
+            assert is_unrolled(r.params) == (layout == "unrolled")
             outs[layout] = r.run(prompts, opts)[0]
-        assert outs["input"] == outs["output"]
+        assert outs["input"] == outs["output"] == outs["unrolled"]
         assert sum(map(len, outs["input"])) > len(prompts)
     # self-speculation shares one converted copy; params in the other layout are converted
     r = Runner(params, cfg, spec, params, layout="output")
@@ -126,12 +154,52 @@ def test_runner_layouts_decode_the_same_tokens():
     assert not is_output_major(r.params)
     assert is_output_major(in_layout(vocab, "output").params)
     assert in_layout(None, "output") is None  # no draft (or a datastore): unchanged
+    r = Runner(params, cfg, spec, vocab, layout="unrolled")
+    assert is_unrolled(r.params) and is_unrolled(r.draft_params.params)
 
 
-def test_layout_choice_errors():
-    assert resolve_layout("auto") == ("output" if jax.default_backend() == "cpu" else "input")
-    with pytest.raises(InputError, match="layout must be one of auto, input, output, got 'fast'"):
+def test_layout_choice_errors(monkeypatch):
+    monkeypatch.delenv("JAXSPEC_LAYOUT", raising=False)
+    assert resolve_layout("auto") == ("unrolled" if jax.default_backend() == "cpu" else "input")
+    if jax.default_backend() == "cpu":
+        monkeypatch.setenv("JAXSPEC_LAYOUT", "output")
+        assert resolve_layout("auto") == "output"
+        monkeypatch.setenv("JAXSPEC_LAYOUT", "fast")
+        with pytest.raises(InputError, match="JAXSPEC_LAYOUT='fast': must be one of input, outp"):
+            resolve_layout("auto")
+        assert resolve_layout("unrolled") == "unrolled"  # the variable only steers auto
+    msg = "layout must be one of auto, input, output, unrolled, got 'fast'"
+    with pytest.raises(InputError, match=msg):
         resolve_layout("fast")
-    with pytest.raises(InputError, match="is for one device"):
-        resolve_layout("output", mesh=object())
+    for layout in ("output", "unrolled"):
+        with pytest.raises(InputError, match=f"layout='{layout}' is for one device"):
+            resolve_layout(layout, mesh=object())
     assert resolve_layout("auto", mesh=object()) == "input"
+
+
+@pytest.mark.parametrize("layout", ["output", "unrolled"])
+def test_decode_step_updates_the_cache_in_place(layout):
+    """A decode loop over the donated cache: the compiled program copies no cache-sized buffer.
+    Unrolled, the last layer's attention read is otherwise no ancestor of the cache write, and
+    XLA copies the whole cache (both K and V) every step to keep that read valid."""
+    cfg, params = tiny_model()
+    params = in_layout(params, layout)
+    B, S = 2, 64
+    cache = init_cache(cfg, B, S).replace(lengths=jnp.asarray([5, 9], jnp.int32))
+
+    def run(p, tok, cache):
+        def body(_, carry):
+            tok, cache = carry
+            logits, cache = forward(p, cfg, tok, cache.lengths[:, None], cache)
+            cache = cache.replace(lengths=cache.lengths + 1)
+            return jnp.argmax(logits, -1).astype(jnp.int32), cache
+
+        return jax.lax.fori_loop(0, 4, body, (tok, cache))
+
+    tok = jnp.ones((B, 1), jnp.int32)
+    hlo = jax.jit(run, donate_argnums=(2,)).lower(params, tok, cache).compile().as_text()
+    L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    shape = f"f32[{L},{B},{K},{S},{E}]"
+    assert shape in hlo
+    copies = [ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)]
+    assert not copies, copies

@@ -17,7 +17,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxspec.kv_cache import init_cache  # noqa: E402
-from jaxspec.model import forward, output_major  # noqa: E402
+from jaxspec.model import forward, output_major, unrolled  # noqa: E402
 from jaxspec.runner import GenerateOptions, Runner  # noqa: E402
 
 PROMPTS = [
@@ -41,7 +41,8 @@ def test_logits_match_transformers(smollm2, hf_model):
         want = hf_model(torch.tensor([ids])).logits[0].numpy()
         exact = copy.deepcopy(hf_model).double()(torch.tensor([ids])).logits[0].numpy()
     T = len(ids)
-    for params in (smollm2.params, output_major(smollm2.params)):  # both weight layouts
+    layouts = (smollm2.params, output_major(smollm2.params), unrolled(smollm2.params))
+    for params in layouts:  # every weight layout
         got, _ = forward(
             params, smollm2.cfg, jnp.asarray([ids]), jnp.arange(T)[None],
             init_cache(smollm2.cfg, 1, T),
@@ -64,7 +65,7 @@ def check_logits(got, want, exact):
 def test_greedy_tokens_match_transformers(smollm2, hf_model):
     tok = smollm2.tokenizer
     ids = [tok.encode(p) for p in PROMPTS]
-    outs, metrics = Runner(smollm2.params, smollm2.cfg).run(
+    outs, metrics = Runner(smollm2.params, smollm2.cfg, layout="unrolled").run(
         ids, GenerateOptions(max_new_tokens=32, batch_size=4)
     )
     for prompt_ids, got in zip(ids, outs, strict=True):

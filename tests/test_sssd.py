@@ -20,7 +20,7 @@ import pytest
 
 from jaxspec.drafting.ngram import NgramConfig, build_tree, choose_width, history_groups
 from jaxspec.errors import ConfigError
-from jaxspec.model import init_params
+from jaxspec.model import init_params, unrolled
 from jaxspec.sampling import SamplingParams
 from jaxspec.speculative import SpecConfig, spec_generate
 from jaxspec.testing import TINY
@@ -234,6 +234,14 @@ def test_adaptive_width_is_lossless_and_takes_the_chosen_branch():
     assert int(full.steps) == int(fixed.steps)
     mixed = run(widths=(0, 1, 3, 8), width_cost=(1.0, 1.05, 1.1, 1.3))
     assert 0 < int(np.asarray(mixed.accepted).sum()) <= int(np.asarray(fixed.accepted).sum())
+    # the unrolled layout (the CPU default): the branches read the cache, one write after
+    spec = SpecConfig(CFG, CFG, chain(0), "greedy", ngram=dataclasses.replace(
+        base, widths=(0, 1, 3, 8), width_cost=(1.0, 1.05, 1.1, 1.3)))  # fmt: skip
+    st = spec_generate(unrolled(PARAMS), None, prompts, lengths, jax.random.key(0),
+                       SamplingParams.make(len(lengths)), max_new, spec=spec,
+                       max_new_tokens=48, chunk=8)  # fmt: skip
+    assert outputs(st) == want
+    assert np.array_equal(np.asarray(st.accepted), np.asarray(mixed.accepted))
 
 
 @pytest.mark.parametrize("objective", ["sum", "slowest"])

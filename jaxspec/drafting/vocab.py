@@ -45,12 +45,13 @@ def model_params(params_d) -> Params:
 
 
 def in_layout(params_d, layout: str):
-    """A model or draft's params in `layout`, "input" or "output" (`jaxspec.model.output_major`):
-    a `Params`, a `VocabDraft` (its transformer converted) or anything else (an n-gram datastore:
-    unchanged). Params already in the layout are returned as they are."""
-    from jaxspec.model import input_major, output_major
+    """A model or draft's params in `layout`, "input", "output" (`jaxspec.model.output_major`) or
+    "unrolled" (`jaxspec.model.unrolled`): a `Params`, a `VocabDraft` (its transformer converted)
+    or anything else (an n-gram datastore: unchanged). Params already in the layout are returned
+    as they are."""
+    from jaxspec.model import input_major, output_major, unrolled
 
-    convert = output_major if layout == "output" else input_major
+    convert = {"output": output_major, "unrolled": unrolled}.get(layout, input_major)
     if isinstance(params_d, VocabDraft):
         return params_d.replace(params=convert(params_d.params))
     return convert(params_d) if isinstance(params_d, Params) else params_d

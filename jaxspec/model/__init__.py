@@ -8,8 +8,11 @@ from jaxspec.model.params import (
     init_params,
     input_major,
     is_output_major,
+    is_unrolled,
     output_major,
     param_shapes,
+    stacked,
+    unrolled,
 )
 from jaxspec.model.transformer import causal_mask, forward, forward_hidden, lm_head
 
@@ -24,7 +27,10 @@ __all__ = [
     "init_params",
     "input_major",
     "is_output_major",
+    "is_unrolled",
     "lm_head",
     "param_shapes",
     "output_major",
+    "stacked",
+    "unrolled",
 ]

@@ -18,6 +18,13 @@ contracted on its minor axis. On XLA:CPU that is the faster form: forwards of 2â
 row (speculative verification) ~8â€“14% faster at batch 1, the one-token step unchanged
 (`BENCHMARKS.md`, "Output-major weights"). Checkpoints, conversion, sharding and training use the
 input-major `LayerParams`; the runner converts for single-device CPU decoding.
+
+The unrolled layout (`unrolled`): output-major weights held one array per layer, `layers` a tuple
+of `LayerWeights` without the `L` axis, walked by a Python loop in the forward. `lax.scan` over
+stacked weights makes XLA:CPU copy every layer's weight slice (and KV-cache slice) before its dots
+(a dynamic-slice fusion): about twice the memory traffic of the weights themselves. Separate
+arrays are read in place: 15-28% faster forwards here, at ~4x the compile time of the forward
+(`BENCHMARKS.md`, "Unrolled layers").
 """
 
 from __future__ import annotations
@@ -62,13 +69,43 @@ class LayerWeights:
     bqkv: Float[Array, "L K G2 E"] | None = None
 
 
+def is_unrolled(params: Params) -> bool:
+    """Whether the layers are held one `LayerWeights` per layer (`unrolled`)."""
+    return isinstance(params.layers, tuple)
+
+
 def is_output_major(params: Params) -> bool:
-    return isinstance(params.layers, LayerWeights)
+    """Whether the projections are output-major (stacked `LayerWeights`, or `unrolled`)."""
+    return is_unrolled(params) or isinstance(params.layers, LayerWeights)
+
+
+def unrolled(params: Params) -> Params:
+    """The unrolled layout (module docstring) of params in any layout: `layers` a tuple of
+    per-layer output-major `LayerWeights` (eager; each leaf a new buffer). Params already
+    unrolled are returned unchanged."""
+    if is_unrolled(params):
+        return params
+    st = output_major(params).layers
+    L = st.attn_norm.shape[0]
+    per = tuple(jax.tree_util.tree_map(lambda x, i=i: jnp.array(x[i]), st) for i in range(L))
+    return params.replace(layers=per)
+
+
+def stacked(params: Params) -> Params:
+    """Unrolled params with their layers stacked again (output-major); params in another layout
+    are returned unchanged. Under `jit` this is one copy of the weights per call: the prefill
+    stacks them once and walks the layers with `lax.scan` (compute-bound chunks, where the scan's
+    slice copies cost little, and one compiled layer body instead of L)."""
+    if not is_unrolled(params):
+        return params
+    return params.replace(layers=jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params.layers))
 
 
 def output_major(params: Params) -> Params:
-    """The output-major layout of input-major params (eager: each leaf a new buffer); params
-    already in it are returned unchanged."""
+    """The output-major layout (stacked) of params in any layout (eager: each leaf a new
+    buffer); params already in it are returned unchanged."""
+    if is_unrolled(params):
+        return stacked(params)
     if is_output_major(params):
         return params
     st = params.layers
@@ -86,10 +123,10 @@ def output_major(params: Params) -> Params:
 
 
 def input_major(params: Params) -> Params:
-    """The inverse of `output_major`; input-major params are returned unchanged."""
+    """The inverse of `output_major` and `unrolled`; input-major params are returned unchanged."""
     if not is_output_major(params):
         return params
-    lw = params.layers
+    lw = output_major(params).layers
     return params.replace(
         layers=LayerParams(
             attn_norm=lw.attn_norm,

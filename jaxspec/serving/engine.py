@@ -258,7 +258,7 @@ class Engine:
                  spec_for: Callable[[int], SpecConfig | None] | None = None, draft=None,
                  metrics: EngineMetrics | None = None, layout: str = "auto"):  # fmt: skip
         """`layout` of the weights while decoding, as `jaxspec.runner.Runner`'s (auto: the
-        output-major layout on a CPU)."""
+        unrolled output-major layout on a CPU)."""
         config.validate(cfg)
         params, draft = pair_in_layout(params, draft, resolve_layout(layout))
         self.params, self.cfg, self.config, self.draft = params, cfg, config, draft
