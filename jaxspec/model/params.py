@@ -24,7 +24,7 @@ of `LayerWeights` without the `L` axis, walked by a Python loop in the forward. 
 stacked weights makes XLA:CPU copy every layer's weight slice (and KV-cache slice) before its dots
 (a dynamic-slice fusion): about twice the memory traffic of the weights themselves. Separate
 arrays are read in place: 15-28% faster forwards here, at ~4x the compile time of the forward
-(`BENCHMARKS.md`, "Unrolled layers").
+(`BENCHMARKS.md`, "Output-major weights" table and its notes).
 """
 
 from __future__ import annotations

@@ -113,8 +113,8 @@ def forward_hidden(
         for i, lp in enumerate(params.layers):
             # Ties this layer's cache slices to its input. Nothing else orders them, and XLA:CPU
             # then copies every layer's slice up front, and reads them back later from DRAM
-            # (measured +40% at batch 8). A row whose hidden state is NaN reads zeros (its
-            # output is NaN anyway).
+            # (a batch-8 forward took 85 ms instead of 46). A row whose hidden state is NaN reads
+            # zeros (its output is NaN anyway).
             live = ~jnp.isnan(carry[0][:, 0, 0])[:, None, None, None]
             k_l = jnp.where(live, cache.k[i], jnp.zeros((), cache.k.dtype))
             v_l = jnp.where(live, cache.v[i], jnp.zeros((), cache.v.dtype))
