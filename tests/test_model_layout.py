@@ -165,7 +165,8 @@ def test_layout_choice_errors(monkeypatch):
         monkeypatch.setenv("JAXSPEC_LAYOUT", "output")
         assert resolve_layout("auto") == "output"
         monkeypatch.setenv("JAXSPEC_LAYOUT", "fast")
-        with pytest.raises(InputError, match="JAXSPEC_LAYOUT='fast': must be one of input, outp"):
+        msg = "JAXSPEC_LAYOUT='fast': must be one of input, output, unrolled"
+        with pytest.raises(InputError, match=msg):
             resolve_layout("auto")
         assert resolve_layout("unrolled") == "unrolled"  # the variable only steers auto
     msg = "layout must be one of auto, input, output, unrolled, got 'fast'"
