@@ -191,7 +191,7 @@ class LongBench:
 
     def timings(self, B: int, tokens: list[int], budgets: list[int], reps: int) -> dict:
         """t(B, n, s) for s in `tokens` and t(B, K, 1) for K in `budgets` (seconds)."""
-        from jaxspec.kv_cache import KVCache, init_cache
+        from jaxspec.kv_cache import init_cache
         from jaxspec.model import forward
 
         cfg = self.model.cfg
@@ -204,7 +204,7 @@ class LongBench:
 
         @jax.jit
         def gathered(cache):
-            return KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+            return cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
 
         cache = gathered(self.cache)
         t = {}
@@ -213,7 +213,7 @@ class LongBench:
                                           jnp.ones((B, s), jnp.int32), reps=reps)  # fmt: skip
         del cache
         for K in budgets:
-            small = init_cache(cfg, B, K + 1, self.cache.k.dtype)  # a draft step's K-slot cache
+            small = init_cache(cfg, B, K + 1, self.cache.k.dtype, self.cache.k_slot_last)
             small = small.replace(lengths=jnp.full((B,), K, jnp.int32))
             t[(K, 1)] = _median_time(fwd, self.model.params, small, jnp.ones((B, 1), jnp.int32),
                                      reps=reps)  # fmt: skip
@@ -223,10 +223,9 @@ class LongBench:
 def _start_gathered(params_t, params_d, cache, last_h, prompts, idx, key, sampling, max_new, *,
                     spec, max_new_tokens, chunk):  # fmt: skip
     """`spec_start` for B rows gathered (row r = base row idx[r]) from the prefilled base rows."""
-    from jaxspec.kv_cache import KVCache
     from jaxspec.speculative import spec_start
 
-    cache = KVCache(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+    cache = cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
     return spec_start(params_t, params_d, cache, last_h[idx], prompts[idx], key, sampling,
                       max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
 

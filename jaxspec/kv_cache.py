@@ -1,7 +1,11 @@
 """KV cache pytree with per-row committed lengths.
 
 `k, v: [L, B, K, S, E]` (layers, rows, KV heads, slots, head dim; heads before slots so the
-attention matmuls read the cache in place) and `lengths: int32[B]`.
+attention matmuls read the cache in place) and `lengths: int32[B]`. With `k_slot_last` (a static
+field; caches built for unrolled weights, `jaxspec.model.unrolled`) K is stored `[L, B, K, E, S]`:
+the score matmul q·Kᵀ then reads K with its slots contiguous, which XLA:CPU runs ~30% faster at
+batch 8. Code that moves slots between caches goes through `gather_slots` / `scatter_slots` /
+`k_std`, which hide the K layout.
 Slots `[0, lengths[b])` hold row b's committed tokens, whose position equals their slot index.
 Slots at and past `lengths[b]` are scratch: a forward writes its T in-flight tokens at
 `[lengths[b], lengths[b] + T)` (writes past S are dropped) without advancing `lengths`; the caller
@@ -22,21 +26,68 @@ LOGICAL_AXES = ("layers", "batch", "kv_heads", "kv_seq", None)
 
 @struct.dataclass
 class KVCache:
-    k: Float[Array, "L B K S E"]
+    k: Float[Array, "L B K S E"]  # [L, B, K, E, S] when k_slot_last
     v: Float[Array, "L B K S E"]
     lengths: Int[Array, " B"]
+    k_slot_last: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[3]
+        return self.v.shape[3]
+
+    @property
+    def k_axes(self) -> tuple:
+        """Logical axis names of `k` (sharding)."""
+        return K_SLOT_LAST_AXES if self.k_slot_last else LOGICAL_AXES
+
+    def k_std(self) -> Float[Array, "L B K S E"]:
+        """K as [L, B, K, S, E] (a transposed copy when stored slot-last)."""
+        return self.k.swapaxes(3, 4) if self.k_slot_last else self.k
+
+    def gather_slots(
+        self, rows: Int[Array, "B 1"], slots: Int[Array, "B J"]
+    ) -> tuple[Float[Array, "B J L K E"], Float[Array, "B J L K E"]]:
+        """K and V of slot slots[b, j] of row rows[b], every layer: [B, J, L, K, E] each."""
+        k = self.k[:, rows, :, :, slots] if self.k_slot_last else self.k[:, rows, :, slots]
+        return k, self.v[:, rows, :, slots]
+
+    def scatter_slots(
+        self,
+        rows: Int[Array, "B 1"],
+        slots: Int[Array, "B J"],
+        k_rows: Float[Array, "B J L K E"],
+        v_rows: Float[Array, "B J L K E"],
+    ) -> KVCache:
+        """The cache with K/V [B, J, L, K, E] written at slot slots[b, j] of row rows[b] (slots
+        past the end are dropped); `lengths` unchanged."""
+        k_rows, v_rows = k_rows.astype(self.k.dtype), v_rows.astype(self.v.dtype)
+        if self.k_slot_last:
+            k = self.k.at[:, rows, :, :, slots].set(k_rows, mode="drop")
+        else:
+            k = self.k.at[:, rows, :, slots].set(k_rows, mode="drop")
+        return self.replace(k=k, v=self.v.at[:, rows, :, slots].set(v_rows, mode="drop"))
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> KVCache:
+K_SLOT_LAST_AXES = ("layers", "batch", "kv_heads", None, "kv_seq")
+
+
+def with_k_layout(cache: KVCache, k_slot_last: bool) -> KVCache:
+    """The same cache with K stored slot-last or not (a transposed copy when it changes)."""
+    if cache.k_slot_last == k_slot_last:
+        return cache
+    return cache.replace(k=cache.k.swapaxes(3, 4), k_slot_last=k_slot_last)
+
+
+def init_cache(
+    cfg: ModelConfig, batch: int, slots: int, dtype=jnp.float32, k_slot_last: bool = False
+) -> KVCache:
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
+    k_shape = shape[:3] + (cfg.head_dim, slots) if k_slot_last else shape
     return KVCache(
-        k=jnp.zeros(shape, dtype),  # two separate buffers: both are donated
+        k=jnp.zeros(k_shape, dtype),  # two separate buffers: both are donated
         v=jnp.zeros(shape, dtype),
         lengths=jnp.zeros((batch,), jnp.int32),
+        k_slot_last=k_slot_last,
     )
 
 

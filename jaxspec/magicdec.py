@@ -44,8 +44,8 @@ from flax import struct
 
 from jaxspec.config import ModelConfig
 from jaxspec.errors import ConfigError
-from jaxspec.kv_cache import KVCache, init_cache
-from jaxspec.model import forward_hidden, stacked
+from jaxspec.kv_cache import KVCache, init_cache, with_k_layout
+from jaxspec.model import forward_hidden, is_unrolled, stacked
 from jaxspec.model.layers import apply_rope, rope_inv_freq
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Float, Int
@@ -139,6 +139,8 @@ def prepare(md: MagicDec, cfg: ModelConfig, dcache: KVCache, ring: DraftRing, to
     x = ring.fixed_k.transpose(1, 0, 3, 2, 4).reshape(B, L * F, K, E)
     shift = jnp.broadcast_to((total - nv)[:, None], (B, L * F))
     x = apply_rope(x, shift, rope_inv_freq(cfg)).reshape(B, L, F, K, E).transpose(1, 0, 3, 2, 4)
+    if dcache.k_slot_last:
+        return dcache.replace(k=dcache.k.at[..., :F].set(x.swapaxes(3, 4).astype(dcache.k.dtype)))
     return dcache.replace(k=dcache.k.at[:, :, :, :F].set(x.astype(dcache.k.dtype)))
 
 
@@ -161,21 +163,21 @@ def commit(
     t = total[:, None] + j
     live = j < count[:, None]
     s = src_start[:, None] + idx
-    k_rows, v_rows = src.k[:, rows, :, s], src.v[:, rows, :, s]  # [B, J, L, K, E]
+    k_rows, v_rows = src.gather_slots(rows, s)  # [B, J, L, K, E]
     dst = jnp.where(live, slot_of(md, t, ring.ring0[:, None]), dcache.num_slots)
-    k = dcache.k.at[:, rows, :, dst].set(k_rows.astype(dcache.k.dtype), mode="drop")
-    v = dcache.v.at[:, rows, :, dst].set(v_rows.astype(dcache.v.dtype), mode="drop")
+    dcache = dcache.scatter_slots(rows, dst, k_rows, v_rows)
     fixed_k = ring.fixed_k
     if md.reindex and md.fixed:
         fdst = jnp.where(live & (t < md.fixed), t, md.fixed)
         fixed_k = fixed_k.at[:, rows, :, fdst].set(k_rows.astype(fixed_k.dtype), mode="drop")
     nv = n_valid(md, total + count, ring.ring0)
-    return dcache.replace(k=k, v=v, lengths=nv), ring.replace(fixed_k=fixed_k)
+    return dcache.replace(lengths=nv), ring.replace(fixed_k=fixed_k)
 
 
-def empty(md: MagicDec, cfg: ModelConfig, batch: int, scratch: int, dtype) -> tuple:
+def empty(md: MagicDec, cfg: ModelConfig, batch: int, scratch: int, dtype,
+          k_slot_last: bool = False) -> tuple:  # fmt: skip
     """An empty compact cache (budget + scratch slots) and its ring (ring0 = F)."""
-    dcache = init_cache(cfg, batch, md.budget + scratch, dtype)
+    dcache = init_cache(cfg, batch, md.budget + scratch, dtype, k_slot_last)
     fixed = jnp.zeros((cfg.num_layers, batch, cfg.num_kv_heads, md.fixed, cfg.head_dim), dtype)
     return dcache, DraftRing(fixed_k=fixed, ring0=jnp.full((batch,), md.fixed, jnp.int32))
 
@@ -191,10 +193,12 @@ def build_copy(md: MagicDec, dense: KVCache, scratch: int) -> tuple[KVCache, Dra
     t = jnp.clip(t, 0, dense.num_slots - 1)  # invalid slots (c ≥ P) are masked by n_valid
     rows = jnp.arange(B)[:, None]
     pad = ((0, 0), (0, 0), (0, 0), (0, scratch), (0, 0))
-    k = jnp.pad(dense.k[:, rows, :, t].transpose(2, 0, 3, 1, 4), pad)  # [L, B, K, budget, E]
-    v = jnp.pad(dense.v[:, rows, :, t].transpose(2, 0, 3, 1, 4), pad)
+    k_rows, v_rows = dense.gather_slots(rows, t)  # [B, budget, L, K, E]
+    k = jnp.pad(k_rows.transpose(2, 0, 3, 1, 4), pad)  # [L, B, K, budget, E]
+    v = jnp.pad(v_rows.transpose(2, 0, 3, 1, 4), pad)
     ring = DraftRing(fixed_k=k[:, :, :, : md.fixed], ring0=jnp.full((B,), md.fixed, jnp.int32))
-    return KVCache(k=k, v=v, lengths=n_valid(md, P, ring.ring0)), ring
+    dcache = KVCache(k=k, v=v, lengths=n_valid(md, P, ring.ring0))
+    return with_k_layout(dcache, dense.k_slot_last), ring  # the target cache's K layout
 
 
 def build_streaming(
@@ -213,7 +217,9 @@ def build_streaming(
     if P % chunk or chunk > md.window:
         raise ConfigError(f"streaming prefill chunk {chunk} must divide the padded prompt "
                           f"({P}) and fit the window ({md.window})")  # fmt: skip
-    dcache, ring = empty(md, cfg, B, max(scratch, chunk), params.embed.dtype)
+    dcache, ring = empty(
+        md, cfg, B, max(scratch, chunk), params.embed.dtype, k_slot_last=is_unrolled(params)
+    )  # as `prefill_cache` builds caches
     idx = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None], (B, chunk))
     params = stacked(params)  # prompt chunks scan the layers (`jaxspec.prefill`)
 
@@ -288,21 +294,22 @@ def build_snapkv(
     # the forward's K/V writes are discarded (dead code); only the queries are used
     _, _, q_obs = forward_hidden(stacked(params), cfg, toks, pos, dense.replace(lengths=start),
                                  queries=True)  # fmt: skip
-    sel = snapkv_select(md, q_obs, dense.k, P)  # [L, B, K, F]
-    gather = jnp.broadcast_to(sel[..., None], sel.shape + (dense.k.shape[-1],))
-    fixed_k = jnp.take_along_axis(dense.k, gather, axis=3)
+    dense_k = dense.k_std()  # [L, B, K, S, E]
+    sel = snapkv_select(md, q_obs, dense_k, P)  # [L, B, K, F]
+    gather = jnp.broadcast_to(sel[..., None], sel.shape + (dense_k.shape[-1],))
+    fixed_k = jnp.take_along_axis(dense_k, gather, axis=3)
     fixed_v = jnp.take_along_axis(dense.v, gather, axis=3)
     rows = jnp.arange(B)[:, None]
     recent = jnp.clip(start[:, None] + jnp.arange(T)[None], 0, dense.num_slots - 1)  # [B, T]
-    win_k = dense.k[:, rows, :, recent].transpose(2, 0, 3, 1, 4)  # [L, B, K, T, E]
-    win_v = dense.v[:, rows, :, recent].transpose(2, 0, 3, 1, 4)
+    win_k, win_v = (x.transpose(2, 0, 3, 1, 4) for x in dense.gather_slots(rows, recent))
     long = (P > md.budget)[None, :, None, None, None]
     copy, _ = build_copy(md, dense, scratch)
     k = jnp.where(long, jnp.pad(jnp.concatenate([fixed_k, win_k], axis=3),
-                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.k)  # fmt: skip
+                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.k_std())  # fmt: skip
     v = jnp.where(long, jnp.pad(jnp.concatenate([fixed_v, win_v], axis=3),
                                 ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.v)  # fmt: skip
     ring0 = jnp.where(P > md.budget, start, md.fixed).astype(jnp.int32)
-    L, _, K, _, E = dense.k.shape
-    ring = DraftRing(fixed_k=jnp.zeros((L, B, K, 0, E), dense.k.dtype), ring0=ring0)
-    return KVCache(k=k, v=v, lengths=n_valid(md, P, ring0)), ring
+    L, _, K, _, E = dense_k.shape
+    ring = DraftRing(fixed_k=jnp.zeros((L, B, K, 0, E), dense_k.dtype), ring0=ring0)
+    dcache = KVCache(k=k, v=v, lengths=n_valid(md, P, ring0))
+    return with_k_layout(dcache, dense.k_slot_last), ring

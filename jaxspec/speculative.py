@@ -314,9 +314,8 @@ def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) 
     rows = jnp.arange(idx.shape[0])[:, None]
     src = cache.lengths[:, None] + idx
     dst = cache.lengths[:, None] + jnp.arange(idx.shape[1])[None]
-    k = cache.k.at[:, rows, :, dst].set(cache.k[:, rows, :, src], mode="drop")
-    v = cache.v.at[:, rows, :, dst].set(cache.v[:, rows, :, src], mode="drop")
-    return cache.replace(k=k, v=v, lengths=cache.lengths + n)
+    k_rows, v_rows = cache.gather_slots(rows, src)
+    return cache.scatter_slots(rows, dst, k_rows, v_rows).replace(lengths=cache.lengths + n)
 
 
 def _ngram_draft(spec: SpecConfig, datastore, state: SpecState):

@@ -64,17 +64,20 @@ class BlockSizes:
 
 
 def validate(
-    q, k_cache, v_cache, lengths, k_new, v_new, inflight, block_indices=None
+    q, k_cache, v_cache, lengths, k_new, v_new, inflight, block_indices=None, k_slot_last=False
 ) -> tuple[int, ...]:
-    """One validation shared by the reference and the kernel: returns (B, T, H, K, S, E)."""
+    """One validation shared by the reference and the kernel: returns (B, T, H, K, S, E).
+    `k_slot_last`: k_cache is [B, K, E, S] (the CPU cache layout of unrolled weights)."""
     if q.ndim != 4:
         raise ValueError(f"q must be [B, T, H, E], got shape {q.shape}")
     B, T, H, E = q.shape
-    if k_cache.ndim != 4 or k_cache.shape[0] != B or k_cache.shape[3] != E:
-        raise ValueError(f"k_cache must be [B={B}, K, S, E={E}], got shape {k_cache.shape}")
-    K, S = k_cache.shape[1], k_cache.shape[2]
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    if v_cache.ndim != 4 or v_cache.shape[0] != B or v_cache.shape[3] != E:
+        raise ValueError(f"v_cache must be [B={B}, K, S, E={E}], got shape {v_cache.shape}")
+    K, S = v_cache.shape[1], v_cache.shape[2]
+    want = (B, K, E, S) if k_slot_last else (B, K, S, E)
+    if k_cache.shape != want:
+        form = "[B, K, E, S] (k_slot_last)" if k_slot_last else "[B, K, S, E]"
+        raise ValueError(f"k_cache must be {form} = {want}, got shape {k_cache.shape}")
     if H % K:
         raise ValueError(f"query heads H={H} are not a multiple of KV heads K={K}")
     for name, x in (("k_new", k_new), ("v_new", v_new)):

@@ -92,6 +92,22 @@ def test_sparse_all_blocks_equals_tree_attention():
         assert jnp.allclose(a, b, atol=2e-5), impl
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_slot_last_k_cache_is_the_same_attention(case):
+    """K stored [B, K, E, S] (the CPU cache of unrolled weights): the reference on the whole case
+    base (NaN in masked slots included); the kernel declines it, so auto falls back."""
+    inputs = make_inputs(case)
+    x = to_jax(inputs, case.dtype)
+    x = {**x, "k_cache": x["k_cache"].swapaxes(2, 3)}
+    with EXACT:
+        out = tree_attention(**x, impl="reference", k_slot_last=True)
+    check(out, inputs, case)
+    with pytest.raises(NotImplementedError, match="slot-last"):
+        tree_attention(**x, impl="pallas", k_slot_last=True)
+    with pytest.raises(ValueError, match=r"k_cache must be \[B, K, E, S\]"):
+        tree_attention(**{**x, "k_cache": x["k_cache"][..., :-1]}, k_slot_last=True)
+
+
 def test_sliding_window_falls_back_to_reference():
     """auto uses the reference where the kernel raises NotImplementedError; pallas raises."""
     case = Case("window", nan=False)

@@ -25,7 +25,7 @@ from jaxspec.errors import ConfigError
 from jaxspec.generate import prefill_cache
 from jaxspec.kv_cache import KVCache
 from jaxspec.magicdec import MagicDec
-from jaxspec.model import init_params
+from jaxspec.model import init_params, unrolled
 from jaxspec.model.layers import apply_rope, rope_inv_freq
 from jaxspec.sampling import SamplingParams
 from jaxspec.speculative import SpecConfig, spec_generate
@@ -39,9 +39,9 @@ LENGTHS = [3, 30, 9, 25]
 MAX_NEW = [40, 11, 40, 33]
 
 
-def run(spec, draft_params, lengths=LENGTHS, max_new=MAX_NEW):
+def run(spec, draft_params, lengths=LENGTHS, max_new=MAX_NEW, params=PARAMS):
     prompts, lens = batch(lengths, seed=1)
-    st = spec_generate(PARAMS, draft_params, prompts, lens, jax.random.key(0),
+    st = spec_generate(params, draft_params, prompts, lens, jax.random.key(0),
                        SamplingParams.make(len(lengths)), jnp.asarray(max_new), spec=spec,
                        max_new_tokens=40, chunk=8)  # fmt: skip
     toks, n = np.asarray(st.tokens), np.asarray(st.n_out)
@@ -81,6 +81,23 @@ def test_greedy_equals_autoregressive(builder, self_draft, tree):
     total = np.asarray(st.cache.lengths)
     assert (np.asarray(st.draft_cache.lengths) == np.minimum(total, 16)).all()
     assert total.max() > 40  # the window slid past the budget
+
+
+@pytest.mark.parametrize("builder,tree", [("copy", "chain3"), ("streaming", "kary2x2"),
+                                          ("snapkv", "chain3")])  # fmt: skip
+def test_greedy_equals_autoregressive_with_unrolled_layers(builder, tree):
+    """The CPU default: unrolled weights, whose prefill builds a slot-last K target cache that
+    the draft cache is copied / selected from and committed into every step."""
+    trees = {"chain3": chain(3), "kary2x2": kary(2, 2)}
+    md = MagicDec(budget=16, sink=4, builder=builder, obs_window=8)
+    spec = SpecConfig(CFG, CFG, trees[tree], "greedy", magicdec=md)
+    un = unrolled(PARAMS)
+    got, st = run(spec, un, params=un)
+    assert got == ar_tokens()
+    assert st.cache.k_slot_last
+    total = np.asarray(st.cache.lengths)
+    assert (np.asarray(st.draft_cache.lengths) == np.minimum(total, 16)).all()
+    assert total.max() > 40
 
 
 @pytest.mark.parametrize("builder", ["copy", "streaming"])

@@ -20,7 +20,7 @@ import pytest
 from jaxspec.critiprefill import CritiPrefill
 from jaxspec.drafting.vocab import in_layout, make_vocab_draft
 from jaxspec.errors import InputError
-from jaxspec.kv_cache import init_cache
+from jaxspec.kv_cache import init_cache, with_k_layout
 from jaxspec.model import (
     LayerWeights,
     forward,
@@ -93,14 +93,18 @@ def test_forward_is_the_same_in_every_layout(cfg, layout):
     anc = np.eye(T, dtype=bool)
     for i in range(1, T):
         anc[i] |= anc[parents[i]]
+    slot_last = with_k_layout(cache, True)  # K as [L, B, K, E, S], as unrolled decoding keeps it
     for mask in (None, jnp.asarray(anc)[None]):
         if mask is None:
             pos = cache.lengths[:, None] + jnp.arange(T)[None]
         fn = jax.jit(lambda p, c, m=mask, q=pos: forward(p, cfg, toks, q, c, m))
-        (la, ca), (lb, cb) = fn(params, cache), fn(un, cache)
-        close(la, lb)
-        close(ca.k, cb.k)
-        close(ca.v, cb.v)
+        la, ca = fn(params, cache)
+        for c in (cache, slot_last):
+            lb, cb = fn(un, c)
+            assert cb.k_slot_last == c.k_slot_last
+            close(la, lb)
+            close(ca.k, cb.k_std())
+            close(ca.v, cb.v)
     qa = forward_hidden(params, cfg, toks, pos, cache, queries=True)[2]
     qb = forward_hidden(un, cfg, toks, pos, cache, queries=True)[2]
     assert qa.shape == qb.shape == (cfg.num_layers, B, T, cfg.num_heads, cfg.head_dim)
@@ -123,8 +127,9 @@ def test_sparse_prefill_is_the_same_in_every_layout():
     ca, ha = prefill_cache(params, cfg, toks, lengths, slots=448, chunk=64)
     for other in (output_major(params), unrolled(params)):
         cb, hb = prefill_cache(other, cfg, toks, lengths, slots=448, chunk=64)
+        assert cb.k_slot_last == is_unrolled(other)  # the cache unrolled decoding reads
         close(ha, hb)
-        close(ca.k, cb.k)
+        close(ca.k, cb.k_std())
 
 
 def test_runner_layouts_decode_the_same_tokens():
@@ -186,7 +191,8 @@ def test_decode_step_updates_the_cache_in_place(layout):
     cfg, params = tiny_model()
     params = in_layout(params, layout)
     B, S = 2, 64
-    cache = init_cache(cfg, B, S).replace(lengths=jnp.asarray([5, 9], jnp.int32))
+    kt = is_unrolled(params)  # unrolled decoding keeps K slot-last (as `prefill_cache` builds it)
+    cache = init_cache(cfg, B, S, k_slot_last=kt).replace(lengths=jnp.asarray([5, 9], jnp.int32))
 
     def run(p, tok, cache):
         def body(_, carry):
@@ -200,7 +206,11 @@ def test_decode_step_updates_the_cache_in_place(layout):
     tok = jnp.ones((B, 1), jnp.int32)
     hlo = jax.jit(run, donate_argnums=(2,)).lower(params, tok, cache).compile().as_text()
     L, K, E = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    shape = f"f32[{L},{B},{K},{S},{E}]"
-    assert shape in hlo
-    copies = [ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)]
-    assert not copies, copies
+    for shape in (f"f32[{L},{B},{K},{S},{E}]", f"f32[{L},{B},{K},{E},{S}]" if kt else None):
+        if shape is None:
+            continue
+        assert shape in hlo
+        copies = [
+            ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)
+        ]
+        assert not copies, copies

@@ -108,6 +108,28 @@ def test_engine_equals_greedy_ar(prompts_and_ref, name, spec_for, draft):
         assert eng.metrics.tau > 1
 
 
+@pytest.mark.parametrize(
+    "spec_for,draft",
+    [
+        (
+            lambda b: _ngram(4, widths=(0, 1, 4), width_cost=(1, 1.05, 1.1)) if b <= 2 else None,
+            None,
+        ),
+        (lambda b: SpecConfig(CFG, CFG, load_tree("kary_2x3"), "swor") if b < 4 else None, PARAMS),
+    ],
+)
+def test_engine_with_unrolled_layers_equals_greedy_ar(prompts_and_ref, spec_for, draft):
+    """The CPU default: unrolled weights and slot-last K caches, whose rows (chunked prefill) are
+    inserted into the batch state and reshaped between buckets."""
+    prompts, ref = prompts_and_ref
+    eng = Engine(PARAMS, CFG, EngineConfig(max_batch=4, max_context=96, admit_per_step=2),
+                 spec_for=spec_for, draft=draft, layout="unrolled")  # fmt: skip
+    max_tokens = [MAX - 3 * (i % 4) for i in range(len(prompts))]
+    outs, _ = _serve(eng, prompts, max_tokens)
+    assert outs == _expected(ref, max_tokens)
+    assert eng.state.cache.k_slot_last
+
+
 def test_mixed_sampled_and_greedy_rows(prompts_and_ref):
     """Greedy rows stay exact beside sampled rows (point-mass verification, one batch)."""
     prompts, ref = prompts_and_ref

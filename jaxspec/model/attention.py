@@ -26,8 +26,10 @@ def attend(
     v_new: Float[Array, "B T K E"],
     inflight: Bool[Array, "#B T T"],
     positions: Int[Array, "B T"],
+    k_slot_last: bool = False,
 ) -> Float[Array, "B T H E"]:
+    """`k_slot_last`: `k_cache` is [B, K, E, S] (`KVCache.k_slot_last`)."""
     return tree_attention(
         q, k_cache, v_cache, lengths, k_new, v_new, inflight, positions,
-        sliding_window=cfg.sliding_window, impl=cfg.attention,
+        sliding_window=cfg.sliding_window, impl=cfg.attention, k_slot_last=k_slot_last,
     )  # fmt: skip

@@ -65,6 +65,7 @@ def forward_hidden(
     if inflight is None:
         inflight = causal_mask(T)
     lengths = cache.lengths
+    kt = cache.k_slot_last  # K stored [L, B, K, E, S]
     inv_freq = rope_inv_freq(cfg)
     from jaxspec.sharding import constrain  # (imports the model package itself)
 
@@ -92,8 +93,10 @@ def forward_hidden(
         k = apply_rope(k, positions, inv_freq)
         k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
         if cp is None:
-            att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions)
+            att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions, kt)
         else:
+            if kt:  # CritiPrefill's block scoring reads K as [B, K, S, E] (a prefill-time copy)
+                k_cache = k_cache.swapaxes(2, 3)
             att, state = critiprefill.attend(
                 cp, cfg, index, state, q, k_cache, v_cache, lengths, k, v, inflight, positions
             )
@@ -147,10 +150,10 @@ def write_kv(
     B, T = k_new.shape[1:3]
     rows = jnp.arange(B)[:, None]
     slots = cache.lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    # Indices on axes 1 and 3 put their [B, T] dims first: [B, T, L, K, E].
-    k_all = cache.k.at[:, rows, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
-    v_all = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
-    return cache.replace(k=constrain(k_all, CACHE_AXES), v=constrain(v_all, CACHE_AXES))
+    # [B, T, L, K, E]: the index dims first, as `scatter_slots` takes them
+    cache = cache.scatter_slots(rows, slots, k_new.transpose(1, 2, 0, 3, 4),
+                                v_new.transpose(1, 2, 0, 3, 4))  # fmt: skip
+    return cache.replace(k=constrain(cache.k, cache.k_axes), v=constrain(cache.v, CACHE_AXES))
 
 
 def lm_head(params: Params, h: Float[Array, "B T M"]) -> Float[Array, "B T V"]:

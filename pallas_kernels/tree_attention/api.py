@@ -3,7 +3,7 @@
 
 `impl`: "reference" (pure jnp, the CPU path), "pallas" (the kernel; interpret mode off the GPU),
 "auto" (the kernel on a GPU, falling back to the reference only on NotImplementedError, e.g. a
-sliding window or an odd head dim; the reference elsewhere).
+sliding window, an odd head dim or a slot-last K cache; the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -28,20 +28,27 @@ def tree_attention(
     sliding_window: int | None = None,
     impl: common.Impl = "auto",
     block_sizes: BlockSizes | None = None,
+    k_slot_last: bool = False,
 ) -> Float[Array, "B T H E"]:
-    B, T, H, K, S, E = common.validate(q, k_cache, v_cache, lengths, k_new, v_new, inflight)
+    """`k_slot_last`: k_cache is [B, K, E, S] (`jaxspec.kv_cache.KVCache.k_slot_last`)."""
+    B, T, H, K, S, E = common.validate(
+        q, k_cache, v_cache, lengths, k_new, v_new, inflight, k_slot_last=k_slot_last
+    )
     bs = block_sizes or BlockSizes()
 
     def ref():
         return reference.tree_attention(
-            q, k_cache, v_cache, lengths, k_new, v_new, inflight, positions, sliding_window
-        )
+            q, k_cache, v_cache, lengths, k_new, v_new, inflight, positions, sliding_window,
+            k_slot_last,
+        )  # fmt: skip
 
     def pallas(interpret: bool):
         from pallas_kernels.tree_attention import kernel
 
         if sliding_window is not None:
             raise NotImplementedError("tree_attention kernel: sliding window")
+        if k_slot_last:
+            raise NotImplementedError("tree_attention kernel: a slot-last K cache")
         G = H // K
         bq, Rp = common.row_tiling(T * G, bs.block_q)
         qg = common.group_queries(q, K, Rp)

@@ -7,7 +7,9 @@ positions. Both score blocks share one float32 softmax (the exact log-sum-exp me
 parts), so the prefix KV is read once for all T queries. GQA groups the H query heads into K
 groups of G without repeating K/V; queries are laid out as [B, K, T*G, E] so each (row, KV head)
 is one plain matmul against its [S, E] keys (measured 2.3x faster on XLA:CPU than a 5-D einsum).
-Masked values are zeroed, so NaN in scratch slots or padded nodes never leaks.
+Masked values are zeroed, so NaN in scratch slots or padded nodes never leaks. `k_slot_last`:
+`k_cache` is [B, K, E, S], so the score matmul reads each key dimension's slots contiguously
+(the faster form on XLA:CPU).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ def dense_attention(
     prefix_mask: Bool[Array, "B K_or_1 T_or_1 S"],
     inflight_mask: Bool[Array, "#B T T"],
     slot_valid: Bool[Array, "B K_or_1 S"],
+    k_slot_last: bool = False,
 ) -> Float[Array, "B T H E"]:
     """Masked attention over prefix slots + in-flight tokens; `slot_valid` marks the slots whose
     values may be read at all (values elsewhere are zeroed before the matmul)."""
     B, T, H, E = q.shape
-    K, S = k_cache.shape[1], k_cache.shape[2]
+    K, S = v_cache.shape[1], v_cache.shape[2]
     G = H // K
     qg = q.reshape(B, T, K, G, E).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, E)
     qg = qg * jnp.asarray(E**-0.5, q.dtype)
@@ -41,7 +44,8 @@ def dense_attention(
     live = jnp.any(inflight_mask, axis=1)[:, None, :, None]  # in-flight keys seen by someone
     vn = jnp.where(live, vn, jnp.zeros_like(vn))
     f32 = jnp.float32
-    s_pre = jnp.einsum("bkqe,bkse->bkqs", qg, k_cache, preferred_element_type=f32)
+    pre = "bkqe,bkes->bkqs" if k_slot_last else "bkqe,bkse->bkqs"
+    s_pre = jnp.einsum(pre, qg, k_cache, preferred_element_type=f32)
     s_new = jnp.einsum("bkqe,bkje->bkqj", qg, kn, preferred_element_type=f32)
     if prefix_mask.shape[2] > 1:
         prefix_mask = jnp.repeat(prefix_mask, G, axis=2)
@@ -72,8 +76,11 @@ def tree_attention(
     inflight: Bool[Array, "#B T T"],
     positions: Int[Array, "B T"] | None = None,
     sliding_window: int | None = None,
+    k_slot_last: bool = False,
 ) -> Float[Array, "B T H E"]:
-    B, T, H, K, S, E = validate(q, k_cache, v_cache, lengths, k_new, v_new, inflight)
+    B, T, H, K, S, E = validate(
+        q, k_cache, v_cache, lengths, k_new, v_new, inflight, k_slot_last=k_slot_last
+    )
     slot = jnp.arange(S, dtype=jnp.int32)
     slot_valid = slot[None, :] < lengths[:, None]  # [B, S]
     prefix = slot_valid[:, None, None, :]
@@ -82,4 +89,6 @@ def tree_attention(
             raise ValueError("a sliding window needs the queries' positions")
         window, inflight = window_masks(positions, slot, inflight, sliding_window)
         prefix = prefix & window
-    return dense_attention(q, k_cache, v_cache, k_new, v_new, prefix, inflight, slot_valid[:, None])
+    return dense_attention(
+        q, k_cache, v_cache, k_new, v_new, prefix, inflight, slot_valid[:, None], k_slot_last
+    )
