@@ -45,7 +45,7 @@ from flax import struct
 from jaxspec.config import ModelConfig
 from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache, init_cache, with_k_layout
-from jaxspec.model import forward_hidden, is_unrolled, stacked
+from jaxspec.model import forward_hidden, k_slot_last_for, stacked
 from jaxspec.model.layers import apply_rope, rope_inv_freq
 from jaxspec.model.params import Params
 from jaxspec.types import Array, Float, Int
@@ -184,7 +184,14 @@ def empty(md: MagicDec, cfg: ModelConfig, batch: int, scratch: int, dtype,
 
 def build_copy(md: MagicDec, dense: KVCache, scratch: int) -> tuple[KVCache, DraftRing]:
     """The compact cache of rows whose dense cache `dense` holds lengths[b] prompt tokens (slot
-    = position): the first F tokens and the last window tokens, in their ring slots."""
+    = position): the first F tokens and the last window tokens, in their ring slots; K in the
+    dense cache's layout."""
+    dcache, ring = _copy_std(md, dense, scratch)
+    return with_k_layout(dcache, dense.k_slot_last), ring
+
+
+def _copy_std(md: MagicDec, dense: KVCache, scratch: int) -> tuple[KVCache, DraftRing]:
+    """`build_copy` with K as [L, B, K, S, E] whatever the dense cache's layout."""
     P = dense.lengths
     B = P.shape[0]
     c = jnp.arange(md.budget)[None]  # compact slot
@@ -197,8 +204,7 @@ def build_copy(md: MagicDec, dense: KVCache, scratch: int) -> tuple[KVCache, Dra
     k = jnp.pad(k_rows.transpose(2, 0, 3, 1, 4), pad)  # [L, B, K, budget, E]
     v = jnp.pad(v_rows.transpose(2, 0, 3, 1, 4), pad)
     ring = DraftRing(fixed_k=k[:, :, :, : md.fixed], ring0=jnp.full((B,), md.fixed, jnp.int32))
-    dcache = KVCache(k=k, v=v, lengths=n_valid(md, P, ring.ring0))
-    return with_k_layout(dcache, dense.k_slot_last), ring  # the target cache's K layout
+    return KVCache(k=k, v=v, lengths=n_valid(md, P, ring.ring0)), ring
 
 
 def build_streaming(
@@ -217,9 +223,8 @@ def build_streaming(
     if P % chunk or chunk > md.window:
         raise ConfigError(f"streaming prefill chunk {chunk} must divide the padded prompt "
                           f"({P}) and fit the window ({md.window})")  # fmt: skip
-    dcache, ring = empty(
-        md, cfg, B, max(scratch, chunk), params.embed.dtype, k_slot_last=is_unrolled(params)
-    )  # as `prefill_cache` builds caches
+    dcache, ring = empty(md, cfg, B, max(scratch, chunk), params.embed.dtype,
+                         k_slot_last_for(params))  # fmt: skip
     idx = jnp.broadcast_to(jnp.arange(chunk, dtype=jnp.int32)[None], (B, chunk))
     params = stacked(params)  # prompt chunks scan the layers (`jaxspec.prefill`)
 
@@ -303,9 +308,9 @@ def build_snapkv(
     recent = jnp.clip(start[:, None] + jnp.arange(T)[None], 0, dense.num_slots - 1)  # [B, T]
     win_k, win_v = (x.transpose(2, 0, 3, 1, 4) for x in dense.gather_slots(rows, recent))
     long = (P > md.budget)[None, :, None, None, None]
-    copy, _ = build_copy(md, dense, scratch)
+    copy, _ = _copy_std(md, dense, scratch)
     k = jnp.where(long, jnp.pad(jnp.concatenate([fixed_k, win_k], axis=3),
-                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.k_std())  # fmt: skip
+                                ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.k)  # fmt: skip
     v = jnp.where(long, jnp.pad(jnp.concatenate([fixed_v, win_v], axis=3),
                                 ((0, 0),) * 3 + ((0, scratch), (0, 0))), copy.v)  # fmt: skip
     ring0 = jnp.where(P > md.budget, start, md.fixed).astype(jnp.int32)

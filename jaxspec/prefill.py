@@ -17,7 +17,7 @@ from jaxspec import critiprefill
 from jaxspec.config import ModelConfig
 from jaxspec.kv_cache import KVCache, advance, init_cache
 from jaxspec.model import forward_hidden, stacked
-from jaxspec.model.params import Params, is_unrolled
+from jaxspec.model.params import Params, k_slot_last_for
 from jaxspec.types import Array, Bool, Float, Int
 
 
@@ -45,8 +45,7 @@ def prefill_cache(
         chunk = cp.segment  # CritiPrefill's segments are the prefill chunks
     if P % chunk:
         raise ValueError(f"padded prompt length {P} is not a multiple of the chunk {chunk}")
-    # unrolled weights decode on CPU, where a slot-last K cache is faster (`jaxspec.kv_cache`)
-    cache = init_cache(cfg, B, slots, params.embed.dtype, k_slot_last=is_unrolled(params))
+    cache = init_cache(cfg, B, slots, params.embed.dtype, k_slot_last_for(params))
     params = stacked(params)  # unrolled weights: stacked once, the chunks scan the layers
 
     def body(c, carry):

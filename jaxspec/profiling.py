@@ -161,13 +161,13 @@ def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int =
 
     from jaxspec.drafting.vocab import draft_forward, in_layout, model_params
     from jaxspec.kv_cache import init_cache
-    from jaxspec.model import is_unrolled
+    from jaxspec.model import k_slot_last_for
     from jaxspec.runner import resolve_layout
 
     params = in_layout(params, resolve_layout(layout))
 
     mp = model_params(params)
-    cache = init_cache(cfg, batch, context + tokens, mp.embed.dtype, is_unrolled(mp))
+    cache = init_cache(cfg, batch, context + tokens, mp.embed.dtype, k_slot_last_for(mp))
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
     toks = jnp.ones((batch, tokens), jnp.int32)
     pos = context + jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))

@@ -74,6 +74,13 @@ def is_unrolled(params: Params) -> bool:
     return isinstance(params.layers, tuple)
 
 
+def k_slot_last_for(params: Params) -> bool:
+    """Whether caches decoded with these params keep K slot-last (`KVCache.k_slot_last`): the
+    faster score matmul on XLA:CPU, where unrolled weights are the default. The one place that
+    decides it; stacked layouts (sharding, the GPU kernels) keep [L, B, K, S, E]."""
+    return is_unrolled(params)
+
+
 def is_output_major(params: Params) -> bool:
     """Whether the projections are output-major (stacked `LayerWeights`, or `unrolled`)."""
     return is_unrolled(params) or isinstance(params.layers, LayerWeights)

@@ -50,7 +50,7 @@ from jaxspec.drafting.vocab import model_params, pair_in_layout
 from jaxspec.errors import ConfigError, InputError
 from jaxspec.generate import ar_spec
 from jaxspec.kv_cache import KVCache, check_fits, init_cache
-from jaxspec.model import forward_hidden, is_unrolled
+from jaxspec.model import forward_hidden, k_slot_last_for
 from jaxspec.prefill import prefill_cache, prefill_chunk
 from jaxspec.runner import next_pow2, prompt_bucket, resolve_layout
 from jaxspec.sampling import SamplingParams
@@ -464,13 +464,8 @@ class Engine:
             P = -(-P // chunk) * chunk
             prompt = np.zeros((1, P), np.int32)
             prompt[0, :n] = req.prompt
-            cache = init_cache(
-                self.cfg,
-                1,
-                self.slots,
-                self.params.embed.dtype,
-                k_slot_last=is_unrolled(self.params),
-            )  # as `prefill_cache` makes it
+            dtype = self.params.embed.dtype
+            cache = init_cache(self.cfg, 1, self.slots, dtype, k_slot_last_for(self.params))
             last_h = jnp.zeros((1, self.cfg.hidden_size), self.params.embed.dtype)
             self._prefilling.append(_Prefill(req, prompt, chunk, cache, last_h))
 
