@@ -168,25 +168,47 @@ class LongBench:
         del state
         return out
 
-    def step_times(self, specs: dict, B: int, max_new_tokens: int, reps: int) -> dict:
-        """{γ: median seconds of one whole `spec_step`} for each {γ: spec} (γ = 0: the AR step),
-        timed on a fresh decode state of B rows (after one warm-up step; compile excluded).
-        Step cost is fixed by the shapes, so a few steps time it; acceptance is not involved."""
+    def step_times(self, specs: dict, B: int, max_new_tokens: int, reps: int,
+                   rounds: int = 3) -> dict:  # fmt: skip
+        """{γ: seconds of one whole `spec_step`} for each {γ: spec} (γ = 0 must be among them: the
+        AR step), timed on fresh decode states of B rows (compile and one warm-up step excluded).
+
+        This VM's speed drifts by up to 2× over minutes, and a γ timed alone once read 2.5× slow.
+        So the configurations are timed in `rounds` interleaved rounds (each round: every γ, in
+        an order rotated per round, `reps` steps each, one state at a time so that memory stays
+        at one decode state). Within a round each γ's median step is divided by the AR median of
+        the same round; the ratio kept is the median over rounds, and the seconds returned are
+        that ratio × the median AR step over all rounds. Step cost is fixed by the shapes, so a
+        few steps time it; acceptance is not involved."""
         from jaxspec.speculative import spec_step
 
+        if 0 not in specs:
+            raise ValueError("step_times needs the AR step (γ = 0) as its reference")
         p = self.model.params
+        exes = {}
+        gs = list(specs)
+        per_round: list[dict] = []
+        for r in range(max(rounds, 1)):
+            order = gs[r % len(gs) :] + gs[: r % len(gs)]
+            got = {}
+            for g in order:
+                state = self.state(specs[g], B, max_new_tokens)
+                if g not in exes:
+                    exes[g] = spec_step.lower(p, p, state, specs[g]).compile()
+                state = jax.block_until_ready(exes[g](p, p, state))  # warm-up
+                ts = []
+                for _ in range(max(reps, 3)):
+                    t0 = time.perf_counter()
+                    state = jax.block_until_ready(exes[g](p, p, state))
+                    ts.append(time.perf_counter() - t0)
+                got[g] = ts
+                del state
+            per_round.append(got)
+        ar_all = float(np.median([t for got in per_round for t in got[0]]))
         out = {}
-        for g, spec in specs.items():
-            state = self.state(spec, B, max_new_tokens)
-            step = spec_step.lower(p, p, state, spec).compile()
-            state = jax.block_until_ready(step(p, p, state))
-            ts = []
-            for _ in range(max(reps, 5)):
-                t0 = time.perf_counter()
-                state = jax.block_until_ready(step(p, p, state))
-                ts.append(time.perf_counter() - t0)
-            out[g] = float(np.median(ts))
-            del state
+        for g in gs:
+            ratios = [np.median(got[g]) / np.median(got[0]) for got in per_round]
+            out[g] = float(np.median(ratios)) * ar_all
         return out
 
     def timings(self, B: int, tokens: list[int], budgets: list[int], reps: int) -> dict:
@@ -344,6 +366,7 @@ def cmd_bench_long(args) -> int:
                                     out_len, args.reps)  # fmt: skip
             steps_by_ctx.setdefault(n, {})[B] = step
             ar = bench.run(spec_of(0, 0), B, out_len)
+            ar_tps = [ar["tokens_per_s"]]
             table = measured_table({B: t}, [B], sorted(set(budgets) | {n}), tokens)
             timing = costmodel.MeasuredTiming.from_table(table, source="bench")
             st = step_table({n: {B: step}}, [B], [n], md0.budget)
@@ -372,15 +395,25 @@ def cmd_bench_long(args) -> int:
                                                   K)[0]  # fmt: skip
                 r = bench.run(spec_of(g, K), B, out_len)
                 check(r, ar, f"at context {n}, batch {B}, γ = {g}, budget {K}")
-                sp = r["tokens_per_s"] / ar["tokens_per_s"]
-                row["configs"].append({"gamma": g, "budget": K, "measured": sp, "predicted": pred,
+                row["configs"].append({"gamma": g, "budget": K, "predicted": pred,
                                        "predicted_forward": pred_fwd,
                                        "tau": r["tau"], "alpha": r["alpha"],
                                        "tokens_per_s": r["tokens_per_s"],
                                        "rows_identical": r["rows_identical"],
                                        "compile_s": r["compile_s"]})  # fmt: skip
-                log(f"context {n}, batch {B}: γ={g} K={K}: {sp:.2f}× measured, {pred:.2f}× "
-                    f"predicted, tau {r['tau']:.2f}")  # fmt: skip
+                log(f"context {n}, batch {B}: γ={g} K={K}: {r['tokens_per_s']:.1f} tok/s (AR "
+                    f"{ar_tps[0]:.1f}), {pred:.2f}× predicted, tau {r['tau']:.2f}")  # fmt: skip
+            # AR again after the configurations: the speedups divide by the geometric mean of
+            # the AR runs before and after them, so a drift of the machine's speed during the
+            # bucket (up to 2× over an evening here) splits evenly instead of landing on the
+            # configurations run last
+            ar_tps.append(bench.run(spec_of(0, 0), B, out_len)["tokens_per_s"])
+            ar_ref_tps = float(np.sqrt(ar_tps[0] * ar_tps[1]))
+            row["ar_tokens_per_s"], row["ar_tokens_per_s_runs"] = ar_ref_tps, ar_tps
+            for c in row["configs"]:
+                c["measured"] = c["tokens_per_s"] / ar_ref_tps
+                log(f"context {n}, batch {B}: γ={c['gamma']} K={c['budget']}: "
+                    f"{c['measured']:.2f}× measured, {c['predicted']:.2f}× predicted")  # fmt: skip
             best = max(row["configs"], key=lambda c: c["measured"])
             row["best"] = [best["gamma"], best["budget"], best["measured"]]
             if pick is None:
@@ -517,9 +550,11 @@ def report_markdown(r: dict, machine: str) -> str:
         )
         + f", sink {r['sink']}; {r['max_new_tokens']} new tokens per row; book windows, "
         f"{r['distinct_rows']} distinct per context (larger batches repeat them); "
-        f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run; predicted = "
+        f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run (AR decoded before "
+        f"and after each bucket's configurations; geometric mean of the two); predicted = "
         f"E(γ)·T_step(AR) ÷ T_step(γ, K): whole `spec_step`s timed per (B, n, γ) at K = "
-        f"{r['budget']} (other K: + γ·(t(B,K,1) − t(B,{r['budget']},1)) from measured forward "
+        f"{r['budget']} in interleaved rounds, each γ's step time relative to AR's in the same "
+        f"round (other K: + γ·(t(B,K,1) − t(B,{r['budget']},1)) from measured forward "
         f"times), E(γ) = expected tokens per step from the accepted-length histogram "
         f"measured at each K; forward-only = Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from "
         f"isolated forward times; "

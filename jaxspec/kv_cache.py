@@ -9,7 +9,8 @@ batch 8. Code that moves slots between caches goes through `gather_slots` / `sca
 Slots `[0, lengths[b])` hold row b's committed tokens, whose position equals their slot index.
 Slots at and past `lengths[b]` are scratch: a forward writes its T in-flight tokens at
 `[lengths[b], lengths[b] + T)` (writes past S are dropped) without advancing `lengths`; the caller
-commits by advancing `lengths` (AR, prefill) or by gathering the accepted path first (trees).
+commits by advancing `lengths` (AR, prefill) or by writing or gathering the accepted path
+first (trees).
 Scratch slots are always masked, so garbage there never leaks.
 """
 

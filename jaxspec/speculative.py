@@ -13,10 +13,13 @@
              current node the verification rule (`jaxspec.verify.rules`) gives the exact
              distribution over {children, none}; a child is drawn, or the bonus token from the
              residual. Rows accept different numbers of tokens.
-  4. commit  the accepted path's K/V rows are gathered from the scratch slots
-             `[length, length + N]` to `[length, length + a]` in both caches, and each row's
-             length advances by a + 1 (root + accepted). Emitted tokens = accepted + bonus,
-             truncated at EOS and at the row's max_new; finished rows stop, the batch does not.
+  4. commit  the target's K/V rows of the accepted path, taken from the verify forward's new
+             K/V (which the forward does not write), are written at `[length, length + a]`;
+             the draft cache's are gathered from its scratch slots `[length, length + N]`
+             (MagicDec committing the target's KV: the verify writes every node and the path is
+             gathered likewise). Each row's length advances by a + 1 (root + accepted).
+             Emitted tokens = accepted + bonus, truncated at EOS and at the row's max_new;
+             finished rows stop, the batch does not.
 Static (`SpecConfig`): target/draft model configs, the tree, the verifier. Per-row sampling
 parameters are arrays as in plain decoding. The tree chain(0) (root only) is autoregressive
 decoding through the same step.
@@ -318,6 +321,17 @@ def _commit_cache(cache: KVCache, idx: Int[Array, "B D1"], n: Int[Array, " B"]) 
     return cache.scatter_slots(rows, dst, k_rows, v_rows).replace(lengths=cache.lengths + n)
 
 
+def _commit_new(cache: KVCache, k_new: Float[Array, "L B T K E"], v_new: Float[Array, "L B T K E"],
+                idx: Int[Array, "B D1"], n: Int[Array, " B"]) -> KVCache:  # fmt: skip
+    """Write the step's new K/V rows idx[:, j] (of the T in-flight tokens, from a forward with
+    `write=False`) at slots length + j, and commit n[b] of them. The other tree nodes are never
+    written: the same cache as writing all T rows then `_commit_cache`, with D + 1 rows scattered
+    instead of T + 2(D + 1) (a scatter into the slot-last K is a strided loop on XLA:CPU)."""
+    rows = jnp.arange(idx.shape[0])[:, None]
+    cache = write_kv(cache, k_new[:, rows, idx], v_new[:, rows, idx])
+    return cache.replace(lengths=cache.lengths + n)
+
+
 def _ngram_draft(spec: SpecConfig, datastore, state: SpecState):
     """(tokens, parents, positions, ancestor mask, scores) of each row's n-gram tree."""
     h = state.cache.lengths + 1
@@ -327,7 +341,8 @@ def _ngram_draft(spec: SpecConfig, datastore, state: SpecState):
 
 def _ngram_verify(params_t, spec: SpecConfig, state: SpecState, drafted, key):
     """Verify forward + accept walk of the n-gram trees: (accepted [B], path [B, max(D, 1)],
-    bonus [B], rank increment [B, W + 1], target cache). With adaptive widths
+    bonus [B], rank increment [B, W + 1], (new K, new V) [L, B, N + 1, K, E], not yet written:
+    `_commit_new` writes the accepted path). With adaptive widths
     (`NgramConfig.widths`) the step verifies only the w best nodes of every row, w chosen by
     `choose_width` on device; each width is one `lax.switch` branch (its own forward shape), and
     only the chosen branch runs."""
@@ -361,7 +376,7 @@ def _ngram_verify(params_t, spec: SpecConfig, state: SpecState, drafted, key):
         # branch that wrote it made XLA copy the whole cache through the switch every step
         # (measured at batch 8: +30-50% per step over AR with every step at width 0)
         *out, k_new, v_new = jax.lax.switch(choice, [run(w) for w in ng.widths], state.cache)
-    return (*out, write_kv(state.cache, k_new, v_new))
+    return (*out, (k_new, v_new))
 
 
 def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
@@ -385,10 +400,19 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
         else:
             toks, zq = state.root[:, None], None
     # 2. verify: one target forward over the whole tree; 3. accept
+    # (the verify's new K/V are written after the walk, accepted path only, by `_commit_new`;
+    # MagicDec committing the target's KV into its draft cache reads the tree rows from the
+    # target cache, so there the forward writes every node and `_commit_cache` moves the path)
+    kv_new = None
     if spec.ngram is not None:
-        acc, path, bonus, ranks, cache = _ngram_verify(params_t, spec, state, drafted, k_walk)
+        acc, path, bonus, ranks, kv_new = _ngram_verify(params_t, spec, state, drafted, k_walk)
     else:
-        logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
+        if spec.magicdec is not None and spec.magicdec.commit_target_kv:
+            logits_t, cache = forward(params_t, spec.target, toks, positions, state.cache, anc)
+        else:
+            h, kv_new = forward_hidden(params_t, spec.target, toks, positions, state.cache, anc,
+                                       write=False)  # fmt: skip
+            logits_t = lm_head(params_t, h)
         acc, path, bonus, ranks = _walk(spec, logits_t, zq, toks, state.sampling, k_walk)
     live = ~state.done
     # 4. emit accepted tokens + bonus, truncated at EOS and max_new
@@ -415,7 +439,10 @@ def _spec_step(params_t: Params, params_d, state: SpecState, spec: SpecConfig):
         dcache, ring = magicdec.commit(md, dcache, ring, src, start, idx, count, total)
     elif dcache is not None:
         dcache = _commit_cache(dcache, idx, count)
-    cache = _commit_cache(cache, idx, count)
+    if kv_new is not None:
+        cache = _commit_new(state.cache, *kv_new, idx, count)
+    else:
+        cache = _commit_cache(cache, idx, count)
     history = state.history
     if history is not None:  # emitted tokens follow the old root at h = lengths + 1
         hdst = jnp.where(j < count[:, None], state.cache.lengths[:, None] + 1 + j, history.shape[1])

@@ -182,6 +182,11 @@ def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     assert [row["batch"] for row in r["results"]] == [2]
     for row in r["results"]:
         assert row["ar_tokens_per_s"] > 0
+        # AR decoded before and after the configurations; speedups divide by their geometric mean
+        a0, a1 = row["ar_tokens_per_s_runs"]
+        assert row["ar_tokens_per_s"] == pytest.approx(np.sqrt(a0 * a1))
+        for c in row["configs"]:
+            assert c["measured"] == pytest.approx(c["tokens_per_s"] / row["ar_tokens_per_s"])
         assert {(c["gamma"], c["budget"]) for c in row["configs"]} >= {(2, 48)}
         for c in row["configs"]:
             assert c["rows_identical"] == 1.0 and c["measured"] > 0 and c["predicted"] > 0
