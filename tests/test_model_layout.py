@@ -214,3 +214,40 @@ def test_decode_step_updates_the_cache_in_place(layout):
             ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)
         ]
         assert not copies, copies
+
+
+@pytest.mark.parametrize("method", ["ar", "chain", "adaptive sssd"])
+def test_speculative_decode_loop_updates_the_cache_in_place(method):
+    """The jitted decode loop (`spec_decode`, unrolled params, slot-last cache) copies no
+    cache-sized buffer: the verify's new K/V are written once, after the walk, accepted path
+    only (`_commit_new`), also behind adaptive SSSD's `lax.switch` over verify widths."""
+    from jaxspec.drafting.ngram import NgramConfig
+    from jaxspec.sampling import SamplingParams
+    from jaxspec.speculative import SpecConfig, spec_decode, spec_start
+    from jaxspec.trees import chain
+
+    cfg, params = tiny_model()
+    params = unrolled(params)
+    B, P, new = 3, 16, 8
+    spec = {
+        "ar": SpecConfig(cfg, cfg, chain(0)),
+        "chain": SpecConfig(cfg, cfg, chain(2)),
+        "adaptive sssd": SpecConfig(cfg, cfg, chain(0), "greedy", ngram=NgramConfig(
+            num_nodes=6, branch_length=3, widths=(0, 1, 6), width_cost=(1.0, 1.1, 1.3))),
+    }[method]  # fmt: skip
+    draft = params if spec.uses_draft_model else None
+    prompts = jnp.ones((B, P), jnp.int32)
+    cache, last_h = prefill_cache(params, cfg, prompts, jnp.asarray([5, 9, 16], jnp.int32),
+                                  slots=P + new + 8, chunk=8)  # fmt: skip
+    assert cache.k_slot_last
+    st = spec_start(params, draft, cache, last_h, prompts, jax.random.key(0),
+                    SamplingParams.make(B), jnp.full((B,), new), spec=spec,
+                    max_new_tokens=new, chunk=8)  # fmt: skip
+    hlo = spec_decode.lower(params, draft, st, spec).compile().as_text()
+    L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, st.cache.num_slots
+    for shape in (f"f32[{L},{B},{K},{S},{E}]", f"f32[{L},{B},{K},{E},{S}]"):
+        assert shape in hlo
+        copies = [
+            ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)
+        ]
+        assert not copies, copies
