@@ -14,19 +14,25 @@ i comes from book i mod #books, at offset `--skip` + (i div #books)·n tokens). 
   3. For each batch size B: the timing table t(B, n, s) (target forward of s tokens per row over
      the n-token cache, s = 1 … max γ + 1) and t(B, K, 1) (a draft step over a K-slot cache),
      medians of a few runs after a warm-up; the whole-step times T_step(γ) of one `spec_step`
-     on a fresh decode state for γ = 0 (AR) and every γ in `--gammas` at `--draft-budget` K0
-     (median of ≥ 5 steps after a warm-up step); then AR decoding and MagicDec for every γ in
-     `--gammas` at K0, plus the chooser's pick if it is not among them. Each run decodes
-     `--max-new-tokens` tokens per row (the first comes from the prefill); runs shorter than
-     10 s are repeated (up to 3, median). Every configuration's tokens must equal AR's, row for
-     row, or the run stops with an error.
-  4. Predicted speedup of every configuration = E(γ, K) · T_step(0) / (T_step(γ) + γ·(t(B,K,1) −
-     t(B,K0,1))) (`costmodel.predict_by_steps`; E from the accepted-length histogram of step 2),
+     on a fresh decode state for γ = 0 (AR) and every γ in `--gammas` at `--draft-budget` K0,
+     and T_step(γ_max, K) for the largest γ at every other budget K, in 3 interleaved rounds
+     relative to AR's step (`LongBench.step_times`); then AR decoding and MagicDec for every γ in
+     `--gammas` at K0, plus the chooser's pick if it is not among them, in `--rounds`
+     interleaved rounds (each round decodes AR and every configuration once, in an order
+     rotated per round). Each run decodes `--max-new-tokens` tokens per row (the first comes
+     from the prefill) and covers every base window: a batch of B < D rows decodes ceil(D / B)
+     batches (so B = 1 measures all D windows, as the acceptance profile does, not window 0
+     alone). Every configuration's tokens must equal AR's, row for row, or the run stops with
+     an error.
+  4. Predicted speedup of every configuration = E(γ, K) · T_step(0) / (T_step(γ) + γ·δ(K)),
+     δ(K) = (T_step(γ_max, K) − T_step(γ_max, K0)) / γ_max: one draft step's cost change from K0
+     to K, measured inside whole steps (`costmodel.predict_by_steps`; E from the accepted-length
+     histogram of step 2),
      shown beside the forward-only Ω(γ, α(K)) · t(B,n,1) / (γ·t(B,K,1) + t(B,n,γ+1))
-     (`costmodel.speedup_chain`); measured speedup = MagicDec decode tokens/s ÷ AR decode
-     tokens/s in the same process. The chooser (`costmodel.choose_speculation` with the step
-     table) picks (γ, K) or AR; its pick's measured speedup is compared with the best measured
-     configuration.
+     (`costmodel.speedup_chain`); measured speedup = median over rounds of MagicDec decode
+     tokens/s ÷ AR decode tokens/s of the same round. The chooser
+     (`costmodel.choose_speculation` with the step table) picks (γ, K) or AR; its pick's
+     measured speedup is compared with the best measured configuration.
 Compile time is excluded from every timing. Results go to stdout as Markdown, `--json`, the
 `--out-md` section (markers `<!-- bench-long:start/end -->`) and the MagicDec profile TOML that
 `--gamma auto` reads (`--profile-out`, default configs/profiles/magicdec__<device>__<model>.toml).
@@ -122,56 +128,75 @@ class LongBench:
         self.cache, self.last_h = jax.block_until_ready(exe(model.params, self.prompts, lengths))
         self.prefill_s = time.perf_counter() - t0
         self._start = jax.jit(_start_gathered, static_argnames=("spec", "max_new_tokens", "chunk"))
+        self._dec: dict = {}  # (spec, B, max_new_tokens) -> compiled decode loop
 
-    def state(self, spec, B: int, max_new_tokens: int):
+    def state(self, spec, B: int, max_new_tokens: int, offset: int = 0):
+        """A fresh decode state of B rows: row r is base window (offset + r) mod D."""
         from jaxspec.sampling import SamplingParams
 
-        idx = jnp.arange(B) % self.prompts.shape[0]
+        idx = (jnp.arange(B) + offset) % self.prompts.shape[0]
         max_new = jnp.full((B,), max_new_tokens, jnp.int32)
         return self._start(self.model.params, self.model.params, self.cache, self.last_h,
                            self.prompts, idx, jax.random.key(0), SamplingParams.make(B),
                            max_new, spec=spec, max_new_tokens=max_new_tokens,
                            chunk=self.chunk)  # fmt: skip
 
-    def run(self, spec, B: int, max_new_tokens: int) -> dict:
-        """Decode B rows with `spec` (chain(0) = AR): tokens/s, tau, α, compile seconds and every
-        row's tokens. Short runs are repeated (fresh states; up to 3 runs or 10 s of decoding)
-        and the median decode time is kept."""
+    def offsets(self, B: int) -> list[int]:
+        """First base windows of the batches one pass decodes: a batch of B < D rows cannot
+        hold every window, so a pass decodes ceil(D / B) batches (offsets 0, B, 2B, …) and
+        covers all D windows, as larger batches do; B >= D: one batch."""
+        D = self.prompts.shape[0]
+        return list(range(0, D, B)) if B < D else [0]
+
+    def run(self, spec, B: int, max_new_tokens: int, max_runs: int = 3,
+            min_s: float = 10.0) -> dict:  # fmt: skip
+        """Decode with `spec` (chain(0) = AR) at batch B: tokens/s, tau, α, compile seconds and
+        every row's tokens. One run is one pass over `offsets(B)` (every base window at least
+        once); runs are repeated on fresh states until `max_runs` runs or `min_s` seconds of
+        decoding, and the median run time is kept. The compiled decode loop is cached per
+        (spec, B), so interleaved rounds compile each configuration once."""
         from jaxspec.speculative import spec_decode
 
-        state = self.state(spec, B, max_new_tokens)
-        t0 = time.perf_counter()
-        dec = spec_decode.lower(self.model.params, self.model.params, state, spec).compile()
-        compile_s = time.perf_counter() - t0
-        times = []
-        while True:
-            jax.block_until_ready(state)
-            t0 = time.perf_counter()
-            state = jax.block_until_ready(dec(self.model.params, self.model.params, state))
-            times.append(time.perf_counter() - t0)
-            if len(times) >= 3 or sum(times) >= 10.0:
-                break
-            del state
+        p = self.model.params
+        key = (spec, B, max_new_tokens)
+        compile_s = 0.0
+        if key not in self._dec:
             state = self.state(spec, B, max_new_tokens)
+            t0 = time.perf_counter()
+            self._dec[key] = spec_decode.lower(p, p, state, spec).compile()
+            compile_s = time.perf_counter() - t0
+            del state
+        dec = self._dec[key]
+        times, toks_out, hist, emitted, live, steps = [], [], 0, 0, 0, 0
+        while True:
+            run_s, toks_out, hist, emitted, live, steps = 0.0, [], 0, 0, 0, 0
+            for off in self.offsets(B):
+                state = jax.block_until_ready(self.state(spec, B, max_new_tokens, off))
+                t0 = time.perf_counter()
+                state = jax.block_until_ready(dec(p, p, state))
+                run_s += time.perf_counter() - t0
+                n_out = np.asarray(state.n_out)
+                toks = np.asarray(state.tokens)
+                hist = hist + np.asarray(state.accept_hist).sum(0)
+                emitted += int(n_out.sum()) - B
+                live += int(np.asarray(state.live_steps).sum())
+                steps += int(state.steps)
+                toks_out += [toks[i, : n_out[i]].tolist() for i in range(B)]
+                del state
+            times.append(run_s)
+            if len(times) >= max_runs or sum(times) >= min_s:
+                break
         decode_s = float(np.median(times))
-        n_out = np.asarray(state.n_out)
-        toks = np.asarray(state.tokens)
-        hist = np.asarray(state.accept_hist).sum(0)
-        emitted = int(n_out.sum()) - B
-        live = int(np.asarray(state.live_steps).sum())
-        out = {"tokens_per_s": emitted / decode_s, "decode_s": decode_s, "compile_s": compile_s,
-               "decode_runs": len(times), "tau": emitted / live if live else 0.0,
-               "steps": int(state.steps),
-               "alpha": geometric_alpha(hist) if spec.num_speculated else None,
-               "accept_hist": hist.tolist(),
-               "tokens": [toks[i, : n_out[i]].tolist() for i in range(B)]}  # fmt: skip
-        del state
-        return out
+        return {"tokens_per_s": emitted / decode_s, "decode_s": decode_s, "compile_s": compile_s,
+                "decode_runs": len(times), "tau": emitted / live if live else 0.0,
+                "steps": steps, "alpha": geometric_alpha(hist) if spec.num_speculated else None,
+                "accept_hist": np.asarray(hist).tolist(), "tokens": toks_out}  # fmt: skip
 
     def step_times(self, specs: dict, B: int, max_new_tokens: int, reps: int,
-                   rounds: int = 3) -> dict:  # fmt: skip
-        """{γ: seconds of one whole `spec_step`} for each {γ: spec} (γ = 0 must be among them: the
-        AR step), timed on fresh decode states of B rows (compile and one warm-up step excluded).
+                   rounds: int = 3, ref=0) -> dict:  # fmt: skip
+        """{key: seconds of one whole `spec_step`} for each {key: spec} (`ref` must be among the
+        keys: the AR step), timed on fresh decode states of B rows (compile and one warm-up step
+        excluded).
 
         This VM's speed drifts by up to 2× over minutes, and a γ timed alone once read 2.5× slow.
         So the configurations are timed in `rounds` interleaved rounds (each round: every γ, in
@@ -182,8 +207,8 @@ class LongBench:
         few steps time it; acceptance is not involved."""
         from jaxspec.speculative import spec_step
 
-        if 0 not in specs:
-            raise ValueError("step_times needs the AR step (γ = 0) as its reference")
+        if ref not in specs:
+            raise ValueError(f"step_times needs the AR step ({ref!r}) as its reference")
         p = self.model.params
         exes = {}
         gs = list(specs)
@@ -204,10 +229,10 @@ class LongBench:
                 got[g] = ts
                 del state
             per_round.append(got)
-        ar_all = float(np.median([t for got in per_round for t in got[0]]))
+        ar_all = float(np.median([t for got in per_round for t in got[ref]]))
         out = {}
         for g in gs:
-            ratios = [np.median(got[g]) / np.median(got[0]) for got in per_round]
+            ratios = [np.median(got[g]) / np.median(got[ref]) for got in per_round]
             out[g] = float(np.median(ratios)) * ar_all
         return out
 
@@ -252,12 +277,20 @@ def _start_gathered(params_t, params_d, cache, last_h, prompts, idx, key, sampli
                       max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
 
 
-def step_table(steps: dict, batches: list[int], contexts: list[int], budget: int) -> dict:
-    """A `costmodel.StepTiming` table from {context: {batch: {γ: seconds}}}."""
+def step_table(steps: dict, batches: list[int], contexts: list[int], budget: int,
+               budget_steps: dict | None = None) -> dict:  # fmt: skip
+    """A `costmodel.StepTiming` table from {context: {batch: {γ: seconds}}} and, optionally, the
+    largest γ's steps at every budget {context: {batch: {K: seconds}}}."""
     gammas = sorted(steps[contexts[0]][batches[0]])
     grid = [[[steps[c][b][g] for g in gammas] for c in contexts] for b in batches]
-    return {"step_batches": batches, "step_contexts": contexts, "step_gammas": gammas,
-            "step_budget": budget, "step_s": grid}  # fmt: skip
+    out = {"step_batches": batches, "step_contexts": contexts, "step_gammas": gammas,
+           "step_budget": budget, "step_s": grid}  # fmt: skip
+    if budget_steps:
+        ks = sorted(budget_steps[contexts[0]][batches[0]])
+        out |= {"step_budgets": ks, "budget_gamma": gammas[-1],
+                "budget_step_s": [[[budget_steps[c][b][k] for k in ks] for c in contexts]
+                                  for b in batches]}  # fmt: skip
+    return out
 
 
 def measured_table(timings: dict, batches: list[int], contexts: list[int], tokens: list[int]):
@@ -294,6 +327,8 @@ def cmd_bench_long(args) -> int:
     contexts = _int_list(args.context_lengths, "--context-lengths")
     budgets = _int_list(args.budgets, "--budgets")
     gammas = _int_list(args.gammas, "--gammas")
+    if getattr(args, "rounds", 2) < 1:
+        raise InputError(f"--rounds must be >= 1, got {args.rounds}")
     if args.distinct_rows < 1:
         raise InputError(f"--distinct-rows must be >= 1, got {args.distinct_rows}")
     if args.temperature != 0:
@@ -313,6 +348,7 @@ def cmd_bench_long(args) -> int:
     tokens = list(range(1, n1 + 1))
     ref_gamma = max(gammas)
     results, alphas_by_ctx, timings_by_ctx, hists_by_ctx, steps_by_ctx = [], {}, {}, {}, {}
+    bsteps_by_ctx: dict = {}
     t_all = time.perf_counter()
 
     def check(r: dict, ref: dict, where: str) -> None:
@@ -362,25 +398,53 @@ def cmd_bench_long(args) -> int:
                 continue
             t = bench.timings(B, tokens, budgets, args.reps)
             timings_by_ctx.setdefault(n, {})[B] = t
-            step = bench.step_times({g: spec_of(g, md0.budget) for g in [0, *gammas]}, B,
-                                    out_len, args.reps)  # fmt: skip
+            # whole steps: AR, every γ at the reference budget K0 and the largest γ at every
+            # other budget (the draft's cost per budget, measured inside the step)
+            K0, gmax = md0.budget, max(gammas)
+            keys = [(0, 0), *[(g, K0) for g in gammas],
+                    *[(gmax, K) for K in sorted(set(budgets) - {K0})]]  # fmt: skip
+            st_all = bench.step_times({k: spec_of(*k) for k in keys}, B, out_len, args.reps,
+                                      ref=(0, 0))  # fmt: skip
+            step = {g: st_all[(g, K0) if g else (0, 0)] for g in [0, *gammas]}
+            bstep = {K: st_all[(gmax, K)] for K in sorted(set(budgets) | {K0})}
             steps_by_ctx.setdefault(n, {})[B] = step
-            ar = bench.run(spec_of(0, 0), B, out_len)
-            ar_tps = [ar["tokens_per_s"]]
+            bsteps_by_ctx.setdefault(n, {})[B] = bstep
             table = measured_table({B: t}, [B], sorted(set(budgets) | {n}), tokens)
             timing = costmodel.MeasuredTiming.from_table(table, source="bench")
-            st = step_table({n: {B: step}}, [B], [n], md0.budget)
+            st = step_table({n: {B: step}}, [B], [n], K0, {n: {B: bstep}})
             steps = costmodel.StepTiming.from_table(st, source="bench")
             pick = costmodel.choose_speculation(alphas, timing, B, n, gammas=gammas, steps=steps,
                                                 hists=hists)  # fmt: skip
             configs = [(g, md0.budget) for g in gammas]
             if pick is not None and (pick.gamma, pick.budget) not in configs:
                 configs.append((pick.gamma, pick.budget))
-            row = {"context": n, "batch": B, "ar_tokens_per_s": ar["tokens_per_s"],
-                   "ar_compile_s": ar["compile_s"], "prefill_s_per_row": bench.prefill_s / D,
+            # Measured decoding in interleaved rounds: each round decodes AR and every
+            # configuration once (one pass over the windows), in an order rotated per round, and
+            # each configuration's speedup is its tokens/s over AR's in the same round, median
+            # over rounds. This VM's speed drifts by 10-30% over minutes, so a configuration
+            # compared with an AR run minutes apart could gain or lose that much.
+            runs: dict = {k: [] for k in [(0, 0), *configs]}
+            names = list(runs)
+            for rnd in range(max(args.rounds, 1)):
+                for k in names[rnd % len(names) :] + names[: rnd % len(names)]:
+                    r = bench.run(spec_of(*k), B, out_len, max_runs=1)
+                    if k != (0, 0):  # round 1 starts with AR: its tokens are the reference
+                        check(r, runs[(0, 0)][0],
+                              f"at context {n}, batch {B}, γ = {k[0]}, budget {k[1]}")  # fmt: skip
+                    runs[k].append(r)
+                    log(f"context {n}, batch {B}, round {rnd + 1}: "
+                        + ("AR" if k == (0, 0) else f"γ={k[0]} K={k[1]}")
+                        + f": {r['tokens_per_s']:.1f} tok/s, tau {r['tau']:.2f}")  # fmt: skip
+            ar_tps = [r["tokens_per_s"] for r in runs[(0, 0)]]
+            ar_ref_tps = float(np.median(ar_tps))
+            row = {"context": n, "batch": B, "ar_tokens_per_s": ar_ref_tps,
+                   "ar_tokens_per_s_runs": ar_tps, "rounds": len(ar_tps),
+                   "ar_compile_s": runs[(0, 0)][0]["compile_s"],
+                   "prefill_s_per_row": bench.prefill_s / D,
                    "pick": None if pick is None else [pick.gamma, pick.budget],
                    "pick_predicted": None if pick is None else pick.speedup,
                    "t_ar_step_s": t[(n, 1)], "step_s": {str(g): v for g, v in step.items()},
+                   "budget_step_s": {str(k): v for k, v in bstep.items()},
                    "configs": []}  # fmt: skip
             for g, K in configs:
                 K_eff = min(K, n)
@@ -393,27 +457,19 @@ def cmd_bench_long(args) -> int:
                 )
                 pred = costmodel.predict_by_steps(alphas[K], hists[K], timing, steps, B, n, g,
                                                   K)[0]  # fmt: skip
-                r = bench.run(spec_of(g, K), B, out_len)
-                check(r, ar, f"at context {n}, batch {B}, γ = {g}, budget {K}")
-                row["configs"].append({"gamma": g, "budget": K, "predicted": pred,
-                                       "predicted_forward": pred_fwd,
-                                       "tau": r["tau"], "alpha": r["alpha"],
-                                       "tokens_per_s": r["tokens_per_s"],
-                                       "rows_identical": r["rows_identical"],
-                                       "compile_s": r["compile_s"]})  # fmt: skip
-                log(f"context {n}, batch {B}: γ={g} K={K}: {r['tokens_per_s']:.1f} tok/s (AR "
-                    f"{ar_tps[0]:.1f}), {pred:.2f}× predicted, tau {r['tau']:.2f}")  # fmt: skip
-            # AR again after the configurations: the speedups divide by the geometric mean of
-            # the AR runs before and after them, so a drift of the machine's speed during the
-            # bucket (up to 2× over an evening here) splits evenly instead of landing on the
-            # configurations run last
-            ar_tps.append(bench.run(spec_of(0, 0), B, out_len)["tokens_per_s"])
-            ar_ref_tps = float(np.sqrt(ar_tps[0] * ar_tps[1]))
-            row["ar_tokens_per_s"], row["ar_tokens_per_s_runs"] = ar_ref_tps, ar_tps
-            for c in row["configs"]:
-                c["measured"] = c["tokens_per_s"] / ar_ref_tps
-                log(f"context {n}, batch {B}: γ={c['gamma']} K={c['budget']}: "
-                    f"{c['measured']:.2f}× measured, {c['predicted']:.2f}× predicted")  # fmt: skip
+                rs = runs[(g, K)]
+                ratios = [r["tokens_per_s"] / a for r, a in zip(rs, ar_tps, strict=True)]
+                c = {"gamma": g, "budget": K, "predicted": pred, "predicted_forward": pred_fwd,
+                     "tau": rs[0]["tau"], "alpha": rs[0]["alpha"],
+                     "tokens_per_s": float(np.median([r["tokens_per_s"] for r in rs])),
+                     "tokens_per_s_runs": [r["tokens_per_s"] for r in rs],
+                     "measured_runs": ratios, "measured": float(np.median(ratios)),
+                     "rows_identical": min(r["rows_identical"] for r in rs),
+                     "compile_s": rs[0]["compile_s"]}  # fmt: skip
+                row["configs"].append(c)
+                log(f"context {n}, batch {B}: γ={g} K={K}: {c['measured']:.2f}× measured "
+                    f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}), {pred:.2f}× "
+                    "predicted")  # fmt: skip
             best = max(row["configs"], key=lambda c: c["measured"])
             row["best"] = [best["gamma"], best["budget"], best["measured"]]
             if pick is None:
@@ -458,7 +514,7 @@ def cmd_bench_long(args) -> int:
     if args.out_md is not None:
         write_section(args.out_md, md, START, END)
     prof = args.profile_out or magicdec_profile_path(Path(str(model.name)).name)
-    write_profile(prof, report, timings_by_ctx, steps_by_ctx, budgets, tokens)
+    write_profile(prof, report, timings_by_ctx, steps_by_ctx, budgets, tokens, bsteps_by_ctx)
     log(f"wrote the MagicDec profile {prof}")
     return 0
 
@@ -497,10 +553,11 @@ def add_analytic(report: dict, cfg, roofline) -> None:
 
 
 def write_profile(path: Path, report: dict, timings_by_ctx: dict, steps_by_ctx: dict, budgets,
-                  tokens):  # fmt: skip
+                  tokens, bsteps_by_ctx: dict | None = None):  # fmt: skip
     """The MagicDec profile `--gamma auto` reads: α and the accepted-length histogram per
     (context, budget), the measured forward table per batch over the union of bench contexts
-    and budgets, and the whole-step table step_s[batch][context][γ] at the bench's budget."""
+    and budgets, the whole-step table step_s[batch][context][γ] at the bench's budget and, when
+    timed, the largest γ's steps at every budget budget_step_s[batch][context][budget]."""
     from jaxspec.profiling import write_toml
 
     contexts = sorted({int(n) for n in timings_by_ctx})
@@ -515,13 +572,21 @@ def write_profile(path: Path, report: dict, timings_by_ctx: dict, steps_by_ctx: 
             "alpha": [[report["alphas"][str(n)][str(k)] for k in budgets] for n in contexts],
             "accept_hist": [[report["accept_hists"][str(n)][str(k)] for k in budgets]
                             for n in contexts],
-            **table, **step_table(steps_by_ctx, batches, contexts, report["budget"])}  # fmt: skip
+            **table, **step_table(steps_by_ctx, batches, contexts, report["budget"],
+                                  bsteps_by_ctx)}  # fmt: skip
     write_toml(path, body, ["MagicDec profile (jaxspec bench --long-context): greedy "
                             "self-speculation acceptance alpha[context][budget] and measured "
                             "target forward seconds target_s[batch][context][tokens]; "
                             "accept_hist[context][budget] counts steps by accepted drafts (chain "
                             "of len - 1); step_s[batch][context][gamma]: one whole spec_step "
-                            "(gamma 0 = AR) at step_budget"])  # fmt: skip
+                            "(gamma 0 = AR) at step_budget; budget_step_s[batch][context]"
+                            "[budget]: one whole spec_step of budget_gamma drafts at each of "
+                            "step_budgets"])  # fmt: skip
+
+
+def _rounds(r: dict) -> str:
+    n = sorted({row.get("rounds", 2) for row in r["results"] if "skipped" not in row})
+    return "/".join(map(str, n)) or "0"
 
 
 def _identity_line(r: dict) -> str:
@@ -550,12 +615,15 @@ def report_markdown(r: dict, machine: str) -> str:
         )
         + f", sink {r['sink']}; {r['max_new_tokens']} new tokens per row; book windows, "
         f"{r['distinct_rows']} distinct per context (larger batches repeat them); "
-        f"speedup = decode tokens/s ÷ AR decode tokens/s in the same run (AR decoded before "
-        f"and after each bucket's configurations; geometric mean of the two); predicted = "
+        f"speedup = median over {_rounds(r)} interleaved rounds (AR and every configuration "
+        f"once per round, order rotated) of decode tokens/s ÷ the same round's AR decode "
+        f"tokens/s; batches smaller than {r['distinct_rows']} decode every window (several "
+        f"batches per run); predicted = "
         f"E(γ)·T_step(AR) ÷ T_step(γ, K): whole `spec_step`s timed per (B, n, γ) at K = "
         f"{r['budget']} in interleaved rounds, each γ's step time relative to AR's in the same "
-        f"round (other K: + γ·(t(B,K,1) − t(B,{r['budget']},1)) from measured forward "
-        f"times), E(γ) = expected tokens per step from the accepted-length histogram "
+        f"round (other K: + γ·(T_step(γ_max, K) − T_step(γ_max, {r['budget']}))/γ_max, "
+        f"the largest γ's whole step timed at each budget in the same rounds), E(γ) = "
+        f"expected tokens per step from the accepted-length histogram "
         f"measured at each K; forward-only = Ω(γ, α)·t(B,n,1) ÷ (γ·t(B,K,1) + t(B,n,γ+1)) from "
         f"isolated forward times; "
         f"compile time excluded; {_identity_line(r)}; "

@@ -251,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--skip", type=int, default=2000, help="tokens skipped at each book's start")
     lc.add_argument("--reps", type=int, default=3, help="timing repetitions per forward")
     lc.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="interleaved rounds of measured decoding per bucket (each: AR and every "
+        "configuration once, order rotated; speedup = median over rounds of the ratio to the "
+        "same round's AR)",
+    )
+    lc.add_argument(
         "--on-mismatch",
         choices=("raise", "report"),
         default="raise",

@@ -366,7 +366,13 @@ class StepTiming:
     one reference draft budget `budget`; γ = 0 is the autoregressive step. A table
     `step_s[b][c][g]` over `batches`, `contexts` (strictly increasing) and `gammas` (strictly
     increasing, starting at 0). Contexts interpolate linearly between measured points; a batch
-    or γ that is not in the table, or a context outside it, raises ConfigError."""
+    or γ that is not in the table, or a context outside it, raises ConfigError.
+
+    Optionally the same steps at other draft budgets: `budget_step_s[b][c][k]`, one whole step
+    of a chain of `budget_gamma` drafts (the largest γ of the table) at each budget of
+    `step_budgets` (which holds `budget`), timed in the same interleaved rounds. Then
+    `draft_delta(b, n, K)` = (T(γ_b, K) − T(γ_b, budget)) / γ_b is the measured change of one
+    draft step's cost from budget to K, inside the step as it runs."""
 
     batches: tuple[int, ...]
     contexts: tuple[int, ...]
@@ -374,10 +380,14 @@ class StepTiming:
     step_s: np.ndarray = dataclasses.field(compare=False, repr=False)
     budget: int = 0
     source: str = "step timing table"
+    budgets: tuple[int, ...] = ()
+    budget_step_s: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    budget_gamma: int = 0
 
     @classmethod
     def from_table(cls, table: Mapping, source: str = "step timing table") -> StepTiming:
-        """From {"step_batches", "step_contexts", "step_gammas", "step_s", "step_budget"}."""
+        """From {"step_batches", "step_contexts", "step_gammas", "step_s", "step_budget"} and,
+        optionally, {"step_budgets", "budget_step_s", "budget_gamma"}."""
         g = table.get("step_gammas")
         if (not isinstance(g, list | tuple) or not g or isinstance(g[0], bool) or g[0] != 0
                 or any(isinstance(x, bool) or not isinstance(x, int) for x in g)
@@ -388,7 +398,34 @@ class StepTiming:
                 tuple(int(x) for x in g)]  # fmt: skip
         grid = _grid(table, "step_s", tuple(len(a) for a in axes), source)
         budget = _positive_int(f"{source}: step_budget", table.get("step_budget"))
-        return cls(*axes, grid, budget, source)
+        if "budget_step_s" not in table:
+            return cls(*axes, grid, budget, source)
+        ks = _axis(table, "step_budgets", source)
+        if budget not in ks:
+            raise ConfigError(f"{source}: 'step_budgets' {list(ks)} must hold the step_budget "
+                              f"{budget}")  # fmt: skip
+        gb = table.get("budget_gamma")
+        if gb != axes[2][-1]:
+            raise ConfigError(f"{source}: 'budget_gamma' must be the largest step γ "
+                              f"({axes[2][-1]}), got {gb!r}")  # fmt: skip
+        bgrid = _grid(table, "budget_step_s", (len(axes[0]), len(axes[1]), len(ks)), source)
+        return cls(*axes, grid, budget, source, ks, bgrid, int(gb))
+
+    def has_budget(self, budget: int) -> bool:
+        """Whether steps at `budget` were timed (always true for the reference budget)."""
+        return self.budget_step_s is not None and budget in self.budgets
+
+    def draft_delta(self, batch: int, context: int, budget: int) -> float:
+        """Seconds one draft step at `budget` costs more (negative: less) than at the table's
+        reference budget, from the whole steps timed at both (see the class docstring)."""
+        if not self.has_budget(budget):
+            raise ConfigError(f"{self.source}: budget {budget} has no timed steps (budgets: "
+                              f"{list(self.budgets)})")  # fmt: skip
+        self.t_step(batch, context, 0)  # validates batch and context
+        col = self.budget_step_s[self.batches.index(batch)]
+        t = [float(np.interp(context, self.contexts, col[:, self.budgets.index(k)]))
+             for k in (budget, self.budget)]  # fmt: skip
+        return (t[0] - t[1]) / self.budget_gamma
 
     def t_step(self, batch: int, context: int, gamma: int) -> float:
         b = _positive_int("batch", batch)
@@ -504,7 +541,10 @@ def predict_by_steps(alpha: float, hist: Sequence[float] | None, timing: Timing,
                 timing.t_draft(b, min(steps.budget, n)))  # fmt: skip
     ts0 = _time(f"step_s(batch={b}, context={n}, γ={g})", steps.t_step(b, n, g))
     td = _time(f"t_draft(batch={b}, budget={min(k, n)})", timing.t_draft(b, min(k, n)))
-    ts = _time(f"the predicted step at γ={g}, budget {k}", ts0 + g * (td - td0))
+    # the draft's cost change from the reference budget: measured inside whole steps where the
+    # table has them, else from isolated forwards over K-slot caches
+    delta = steps.draft_delta(b, n, k) if steps.has_budget(k) else td - td0
+    ts = _time(f"the predicted step at γ={g}, budget {k}", ts0 + g * delta)
     e = expected_tokens_chain(hist, g) if hist is not None and len(hist) > g else omega(alpha, g)
     return e * t_ar / ts, ts, t_ar, td
 

@@ -485,3 +485,45 @@ def test_bad_inputs_raise_config_error_naming_the_value():
         MeasuredTiming.from_table({**bad, "contexts": CONTEXTS[::-1]})
     with pytest.raises(ConfigError, match="'batches'"):
         MeasuredTiming.from_table({k: v for k, v in bad.items() if k != "batches"})
+
+
+def test_step_chooser_uses_budget_steps_where_timed():
+    """With the largest γ's whole steps timed at other budgets (`budget_step_s`), the predicted
+    step at (γ, K) is step(γ, K0) + γ·(T(γ_max, K) − T(γ_max, K0)) / γ_max, not the isolated
+    forwards' difference; budgets without timed steps keep the forward difference. Bad budget
+    tables are ConfigErrors naming the key."""
+    table, st = synthetic_table(0), synthetic_steps(0)
+    S = np.asarray(st["step_s"])
+    ks = [256, 512]  # 1024 not timed: falls back to the forward table
+    rng = np.random.default_rng(7)
+    bud = (
+        S[:, :, -1:]
+        * np.asarray([0.5, 1.0])[None, None, :]
+        * np.exp(0.05 * rng.normal(size=(len(BATCHES), len(CONTEXTS), 2)))
+    )
+    bud[:, :, 1] = S[:, :, -1]  # the reference budget's column is the γ_max step itself
+    stb = {**st, "step_budgets": ks, "budget_gamma": STEP_GAMMAS[-1], "budget_step_s": bud.tolist()}
+    timing, steps = MeasuredTiming.from_table(table), StepTiming.from_table(stb)
+    t = np.asarray(table["target_s"])
+    assert steps.has_budget(256) and steps.has_budget(512) and not steps.has_budget(1024)
+    gm = STEP_GAMMAS[-1]
+    for b, c in itertools.product(BATCHES, CONTEXTS):
+        bi, ci = BATCHES.index(b), CONTEXTS.index(c)
+        delta = (bud[bi, ci, 0] - bud[bi, ci, 1]) / gm
+        assert steps.draft_delta(b, c, 256) == pytest.approx(delta)
+        assert steps.draft_delta(b, c, 512) == 0.0
+        for g in STEP_GAMMAS[1:]:
+            ts = predict_by_steps(ALPHAS[256], None, timing, steps, b, c, g, 256)[1]
+            assert ts == pytest.approx(S[bi, ci, g] + g * delta)
+            td0 = t[bi, CONTEXTS.index(min(512, c)), 0]
+            fwd = S[bi, ci, g] + g * (t[bi, CONTEXTS.index(min(1024, c)), 0] - td0)
+            ts = predict_by_steps(ALPHAS[1024], None, timing, steps, b, c, g, 1024)[1]
+            assert ts == pytest.approx(fwd)
+    with pytest.raises(ConfigError, match="no timed steps"):
+        steps.draft_delta(1, 1024, 1024)
+    with pytest.raises(ConfigError, match="must hold the step_budget"):
+        StepTiming.from_table({**stb, "step_budgets": [256, 1024]})
+    with pytest.raises(ConfigError, match="budget_gamma"):
+        StepTiming.from_table({**stb, "budget_gamma": 2})
+    with pytest.raises(ConfigError, match="budget_step_s"):
+        StepTiming.from_table({**stb, "budget_step_s": bud[:, :, :1].tolist()})
