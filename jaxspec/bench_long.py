@@ -167,7 +167,7 @@ class LongBench:
             compile_s = time.perf_counter() - t0
             del state
         dec = self._dec[key]
-        times, toks_out, hist, emitted, live, steps = [], [], 0, 0, 0, 0
+        times = []
         while True:
             run_s, toks_out, hist, emitted, live, steps = 0.0, [], 0, 0, 0, 0
             for off in self.offsets(B):
@@ -327,7 +327,7 @@ def cmd_bench_long(args) -> int:
     contexts = _int_list(args.context_lengths, "--context-lengths")
     budgets = _int_list(args.budgets, "--budgets")
     gammas = _int_list(args.gammas, "--gammas")
-    if getattr(args, "rounds", 2) < 1:
+    if args.rounds < 1:
         raise InputError(f"--rounds must be >= 1, got {args.rounds}")
     if args.distinct_rows < 1:
         raise InputError(f"--distinct-rows must be >= 1, got {args.distinct_rows}")
@@ -425,7 +425,7 @@ def cmd_bench_long(args) -> int:
             # compared with an AR run minutes apart could gain or lose that much.
             runs: dict = {k: [] for k in [(0, 0), *configs]}
             names = list(runs)
-            for rnd in range(max(args.rounds, 1)):
+            for rnd in range(args.rounds):
                 for k in names[rnd % len(names) :] + names[: rnd % len(names)]:
                     r = bench.run(spec_of(*k), B, out_len, max_runs=1)
                     if k != (0, 0):  # round 1 starts with AR: its tokens are the reference

@@ -227,6 +227,9 @@ def test_bench_long_context_bad_input(tmp_path, capsys):
     code, _, err = run_cli(capsys, "bench", "--long-context", "--prompts-file", str(books),
                            "--temperature", "0.7")  # fmt: skip
     assert code == 2 and "greedy" in err
+    code, _, err = run_cli(capsys, "bench", "--long-context", "--prompts-file", str(books),
+                           "--rounds", "0")  # fmt: skip
+    assert code == 2 and "--rounds must be >= 1, got 0" in err
 
 
 def test_long_bench_small_batches_cover_every_window(smollm2):
