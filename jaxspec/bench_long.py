@@ -240,6 +240,7 @@ class LongBench:
         """t(B, n, s) for s in `tokens` and t(B, K, 1) for K in `budgets` (seconds)."""
         from jaxspec.kv_cache import init_cache
         from jaxspec.model import forward
+        from jaxspec.model.params import is_unrolled
 
         cfg = self.model.cfg
         idx = jnp.arange(B) % self.prompts.shape[0]
@@ -250,8 +251,9 @@ class LongBench:
             return forward(params, cfg, toks, pos, cache)[0]  # the cache writes are dead code
 
         @jax.jit
-        def gathered(cache):
-            return cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+        def gathered(cache):  # held per layer for unrolled weights, as decoding holds it
+            cache = cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
+            return cache.layered() if is_unrolled(self.model.params) else cache
 
         cache = gathered(self.cache)
         t = {}
@@ -261,7 +263,7 @@ class LongBench:
         del cache
         for K in budgets:
             small = init_cache(cfg, B, K + 1, self.cache.k.dtype, self.cache.k_slot_last)
-            small = small.replace(lengths=jnp.full((B,), K, jnp.int32))
+            small = small.replace(lengths=jnp.full((B,), K, jnp.int32))  # stacked, as MagicDec's
             t[(K, 1)] = _median_time(fwd, self.model.params, small, jnp.ones((B, 1), jnp.int32),
                                      reps=reps)  # fmt: skip
         return t
@@ -270,11 +272,12 @@ class LongBench:
 def _start_gathered(params_t, params_d, cache, last_h, prompts, idx, key, sampling, max_new, *,
                     spec, max_new_tokens, chunk):  # fmt: skip
     """`spec_start` for B rows gathered (row r = base row idx[r]) from the prefilled base rows."""
-    from jaxspec.speculative import spec_start
+    from jaxspec.speculative import decode_layout, spec_start
 
     cache = cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], lengths=cache.lengths[idx])
-    return spec_start(params_t, params_d, cache, last_h[idx], prompts[idx], key, sampling,
-                      max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+    state = spec_start(params_t, params_d, cache, last_h[idx], prompts[idx], key, sampling,
+                       max_new, spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+    return decode_layout(params_t, params_d, spec, state)  # per-layer caches, as `spec_prefill`
 
 
 def step_table(steps: dict, batches: list[int], contexts: list[int], budget: int,

@@ -169,6 +169,8 @@ def time_forward(params, cfg, batch: int, context: int, tokens: int, reps: int =
     mp = model_params(params)
     cache = init_cache(cfg, batch, context + tokens, mp.embed.dtype, k_slot_last_for(mp))
     cache = cache.replace(lengths=jnp.full((batch,), context, jnp.int32))
+    if k_slot_last_for(mp):  # unrolled weights decode a per-layer cache (`decode_layout`)
+        cache = cache.layered()
     toks = jnp.ones((batch, tokens), jnp.int32)
     pos = context + jnp.broadcast_to(jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
     fn = jax.jit(lambda p, t, q, c: draft_forward(p, cfg, t, q, c)[0])  # any model or draft

@@ -48,7 +48,7 @@ from jaxspec.errors import ConfigError
 from jaxspec.kv_cache import KVCache
 from jaxspec.magicdec import DraftRing, MagicDec
 from jaxspec.model import forward, forward_hidden, lm_head
-from jaxspec.model.params import Params
+from jaxspec.model.params import Params, is_unrolled
 from jaxspec.model.transformer import write_kv
 from jaxspec.prefill import is_eos, prefill_cache
 from jaxspec.sampling import SamplingParams, probs, process_logits, sample
@@ -484,8 +484,21 @@ def spec_prefill(
     slots = P + max_new_tokens + spec.num_nodes
     lengths = prompt_lengths.astype(jnp.int32)
     cache, last_h = prefill_cache(params_t, spec.target, prompts, lengths, slots=slots, chunk=chunk)
-    return spec_start(params_t, params_d, cache, last_h, prompts, key, sampling, max_new,
-                      spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+    state = spec_start(params_t, params_d, cache, last_h, prompts, key, sampling, max_new,
+                       spec=spec, max_new_tokens=max_new_tokens, chunk=chunk)  # fmt: skip
+    return decode_layout(params_t, params_d, spec, state)
+
+
+def decode_layout(params_t: Params, params_d, spec: SpecConfig, state: SpecState) -> SpecState:
+    """The state with per-layer caches (`KVCache.layered`, a copy) where the weights they are
+    decoded with are unrolled: the target cache, and a draft model's full-size cache (MagicDec's
+    compact draft cache stays stacked). Decoding reads each layer's buffer in place then."""
+    cache, dcache = state.cache, state.draft_cache
+    if is_unrolled(params_t):
+        cache = cache.layered()
+    if dcache is not None and spec.magicdec is None and is_unrolled(model_params(params_d)):
+        dcache = dcache.layered()
+    return state.replace(cache=cache, draft_cache=dcache)
 
 
 def spec_start(

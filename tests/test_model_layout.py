@@ -7,7 +7,10 @@ write=False K/V, CritiPrefill's sparse prefill) gives the same logits, cache and
 layout up to float32 rounding (the matmuls run with their operands swapped, so sums associate
 differently: the tolerance, 1e-4 on logits of magnitude ~5, is 5x the largest difference
 observed, 2e-5); the runner decodes the same tokens in every layout; the unrolled decode step
-updates the donated cache in place (XLA copies no cache-sized buffer)."""
+updates the donated cache in place (XLA copies no cache-sized buffer). A per-layer cache
+(`KVCache.layered`) holds the same K/V as the stacked one, with non-finite values stored as 0;
+slot gathers and scatters and the forward give the same results in both forms; a decode loop over
+per-layer caches makes no cache-sized buffer but in-place scatters."""
 
 import dataclasses
 import re
@@ -216,14 +219,15 @@ def test_decode_step_updates_the_cache_in_place(layout):
         assert not copies, copies
 
 
+@pytest.mark.parametrize("per_layer", [False, True], ids=["stacked", "per-layer"])
 @pytest.mark.parametrize("method", ["ar", "chain", "adaptive sssd"])
-def test_speculative_decode_loop_updates_the_cache_in_place(method):
+def test_speculative_decode_loop_updates_the_cache_in_place(method, per_layer):
     """The jitted decode loop (`spec_decode`, unrolled params, slot-last cache) copies no
     cache-sized buffer: the verify's new K/V are written once, after the walk, accepted path
     only (`_commit_new`), also behind adaptive SSSD's `lax.switch` over verify widths."""
     from jaxspec.drafting.ngram import NgramConfig
     from jaxspec.sampling import SamplingParams
-    from jaxspec.speculative import SpecConfig, spec_decode, spec_start
+    from jaxspec.speculative import SpecConfig, decode_layout, spec_decode, spec_start
     from jaxspec.trees import chain
 
     cfg, params = tiny_model()
@@ -243,11 +247,90 @@ def test_speculative_decode_loop_updates_the_cache_in_place(method):
     st = spec_start(params, draft, cache, last_h, prompts, jax.random.key(0),
                     SamplingParams.make(B), jnp.full((B,), new), spec=spec,
                     max_new_tokens=new, chunk=8)  # fmt: skip
+    if per_layer:  # what `spec_prefill` decodes with unrolled weights
+        st = decode_layout(params, draft, spec, st)
+        assert st.cache.per_layer
     hlo = spec_decode.lower(params, draft, st, spec).compile().as_text()
     L, K, E, S = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, st.cache.num_slots
+    if per_layer:  # each layer's buffer is read in place and written by an in-place scatter only
+        for shape in (f"f32[{B},{K},{S},{E}]", f"f32[{B},{K},{E},{S}]"):
+            made = re.findall(rf"%(\S+) = {re.escape(shape)}\S* ([\w-]+)\(", hlo)
+            assert made
+            other = [(n, op) for n, op in made if op not in ("parameter", "get-tuple-element")
+                     and "scatter" not in n and op != "scatter"]  # fmt: skip
+            assert not other, other
+        return
     for shape in (f"f32[{L},{B},{K},{S},{E}]", f"f32[{L},{B},{K},{E},{S}]"):
         assert shape in hlo
         copies = [
             ln for ln in hlo.splitlines() if re.search(rf"= {re.escape(shape)}\S* copy\(", ln)
         ]
         assert not copies, copies
+
+
+@pytest.mark.parametrize("slot_last", [False, True], ids=["k", "k-slot-last"])
+def test_per_layer_cache_holds_the_same_slots(slot_last):
+    """layered / stacked / gather_slots / scatter_slots agree between the two forms; non-finite
+    values become 0 in a per-layer cache (on conversion and on every write)."""
+    cfg, _ = tiny_model()
+    B, S = 3, 12
+    rng = np.random.default_rng(0)
+    cache = init_cache(cfg, B, S, k_slot_last=slot_last)
+    k = rng.normal(size=cache.k.shape).astype(np.float32)
+    v = rng.normal(size=cache.v.shape).astype(np.float32)
+    k.flat[7], v.flat[11] = np.nan, np.inf
+    cache = cache.replace(k=jnp.asarray(k), v=jnp.asarray(v), lengths=jnp.asarray([2, 5, 12]))
+    lay = cache.layered()
+    assert lay.per_layer and lay.num_layers == cfg.num_layers and lay.num_slots == S
+    assert lay.layered() is lay and cache.stacked() is cache
+    back = lay.stacked()
+    np.testing.assert_array_equal(back.k, np.nan_to_num(k, nan=0.0, posinf=0.0))
+    np.testing.assert_array_equal(back.v, np.nan_to_num(v, nan=0.0, posinf=0.0))
+    np.testing.assert_array_equal(lay.k_std(), back.k_std())
+    np.testing.assert_array_equal(lay.v_std(), back.v)
+    rows = jnp.arange(B)[:, None]
+    slots = jnp.asarray([[0, 3], [4, 1], [11, 12]])  # slot 12 is past the end: dropped
+    got, want = lay.gather_slots(rows, slots % S), back.gather_slots(rows, slots % S)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    new = rng.normal(size=(B, 2, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim))
+    new = jnp.asarray(new, jnp.float32).at[0, 0, 0, 0, 0].set(jnp.nan)
+    a = lay.scatter_slots(rows, slots, new, -new).stacked()
+    b = back.scatter_slots(rows, slots, jnp.nan_to_num(new, nan=0.0), -jnp.nan_to_num(new, nan=0.0))
+    np.testing.assert_array_equal(a.k, b.k)
+    np.testing.assert_array_equal(a.v, b.v)
+    assert with_k_layout(lay, not slot_last).stacked().k_std().shape == back.k_std().shape
+    np.testing.assert_array_equal(with_k_layout(lay, not slot_last).k_std(), back.k_std())
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "output"])
+def test_forward_is_the_same_with_a_per_layer_cache(layout):
+    """Stacked cache vs the same cache per layer: the same logits, written cache and write=False
+    K/V, with garbage (finite, and NaN: stored as 0 per layer) in the scratch slots. Stacked
+    weights scan a per-layer cache through a stacked copy and hand it back per layer."""
+    cfg, params = tiny_model()
+    params = in_layout(params, layout)
+    B, S, T = 2, 24, 3
+    rng = np.random.default_rng(1)
+    cache = init_cache(cfg, B, S, k_slot_last=is_unrolled(params))
+    k = jnp.asarray(rng.normal(size=cache.k.shape), jnp.float32)
+    v = jnp.asarray(rng.normal(size=cache.v.shape), jnp.float32)
+    cache = cache.replace(k=k, v=v.at[:, 0, :, 20:].set(jnp.nan),
+                          lengths=jnp.asarray([7, 13], jnp.int32))  # fmt: skip
+    lay = cache.layered()
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
+    pos = cache.lengths[:, None] + jnp.arange(T)[None]
+    tree = jnp.asarray([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)[None]
+    for mask in (None, tree):
+        la, ca = forward(params, cfg, toks, pos, cache, mask)
+        lb, cb = forward(params, cfg, toks, pos, lay, mask)
+        assert cb.per_layer and np.isfinite(np.asarray(la)).all()
+        close(la, lb)
+        for a, b in ((ca.k_std(), cb.k_std()), (ca.v_std(), cb.v_std())):
+            for r, n in enumerate(np.asarray(cache.lengths) + T):  # committed + new slots
+                close(np.asarray(a)[:, r, :, :n], np.asarray(b)[:, r, :, :n])
+        ha, (ka, va) = forward_hidden(params, cfg, toks, pos, cache, mask, write=False)
+        hb, (kb, vb) = forward_hidden(params, cfg, toks, pos, lay, mask, write=False)
+        close(ha, hb)
+        close(ka, kb)
+        close(va, vb)

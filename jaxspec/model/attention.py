@@ -27,9 +27,12 @@ def attend(
     inflight: Bool[Array, "#B T T"],
     positions: Int[Array, "B T"],
     k_slot_last: bool = False,
+    finite_values: bool = False,
 ) -> Float[Array, "B T H E"]:
-    """`k_slot_last`: `k_cache` is [B, K, E, S] (`KVCache.k_slot_last`)."""
+    """`k_slot_last`: `k_cache` is [B, K, E, S] (`KVCache.k_slot_last`). `finite_values`: the
+    cache holds finite values only (a per-layer `KVCache`)."""
     return tree_attention(
         q, k_cache, v_cache, lengths, k_new, v_new, inflight, positions,
         sliding_window=cfg.sliding_window, impl=cfg.attention, k_slot_last=k_slot_last,
+        finite_values=finite_values,
     )  # fmt: skip

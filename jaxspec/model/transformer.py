@@ -10,7 +10,8 @@
 returns float32 logits [B, T, V] and the cache with the new K/V written.
 
 Inside the layers the cache is only read (prefix attention); the T new K/V rows of every layer
-are scattered into the (donated) cache afterwards, in place.
+are scattered into the (donated) cache afterwards, in place. The cache may be stacked or per layer
+(`KVCache.layered`: unrolled weights read each layer's buffer in place; the decode path).
 
 Three layouts of the same params (`jaxspec.model.params`): input-major `LayerParams`
 (checkpoints, sharding, training), output-major `LayerWeights` (`output_major`; each weight
@@ -64,6 +65,10 @@ def forward_hidden(
     B, T = tokens.shape
     if inflight is None:
         inflight = causal_mask(T)
+    restack = cache.per_layer and not is_unrolled(params)
+    if restack:  # stacked layers scan a stacked cache (a copy each way: not a decode path)
+        cache = cache.stacked()
+    finite = cache.per_layer  # a per-layer cache holds finite values only (`jaxspec.kv_cache`)
     lengths = cache.lengths
     kt = cache.k_slot_last  # K stored [L, B, K, E, S]
     inv_freq = rope_inv_freq(cfg)
@@ -93,7 +98,7 @@ def forward_hidden(
         k = apply_rope(k, positions, inv_freq)
         k, v = k.astype(k_cache.dtype), v.astype(v_cache.dtype)
         if cp is None:
-            att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions, kt)
+            att = attend(cfg, q, k_cache, v_cache, lengths, k, v, inflight, positions, kt, finite)
         else:
             if kt:  # CritiPrefill's block scoring reads K as [B, K, S, E] (a prefill-time copy)
                 k_cache = k_cache.swapaxes(2, 3)
@@ -114,13 +119,16 @@ def forward_hidden(
     if is_unrolled(params):  # one array per layer: a Python loop reads each in place
         carry, outs = (h, state), []
         for i, lp in enumerate(params.layers):
-            # Ties this layer's cache slices to its input. Nothing else orders them, and XLA:CPU
-            # then copies every layer's slice up front, and reads them back later from DRAM
-            # (a batch-8 forward took 85 ms instead of 46). A row whose hidden state is NaN reads
-            # zeros (its output is NaN anyway).
-            live = ~jnp.isnan(carry[0][:, 0, 0])[:, None, None, None]
-            k_l = jnp.where(live, cache.k[i], jnp.zeros((), cache.k.dtype))
-            v_l = jnp.where(live, cache.v[i], jnp.zeros((), cache.v.dtype))
+            # A stacked cache: ties this layer's cache slices (copies on XLA:CPU) to its input.
+            # Nothing else orders them, and XLA:CPU then copies every layer's slice up front, and
+            # reads them back later from DRAM (a batch-8 forward took 85 ms instead of 46). A row
+            # whose hidden state is NaN reads zeros (its output is NaN anyway).
+            if cache.per_layer:  # the layer's own buffers: read in place, nothing to order
+                k_l, v_l = cache.k[i], cache.v[i]
+            else:
+                live = ~jnp.isnan(carry[0][:, 0, 0])[:, None, None, None]
+                k_l = jnp.where(live, cache.k[i], jnp.zeros((), cache.dtype))
+                v_l = jnp.where(live, cache.v[i], jnp.zeros((), cache.dtype))
             carry, out = layer(carry, (lp, k_l, v_l, jnp.asarray(i, jnp.int32)))
             outs.append(out)
         h = carry[0]
@@ -129,14 +137,16 @@ def forward_hidden(
         # the write, and XLA keeps it valid by copying the whole cache each step. (A NaN row
         # writes zeros.)
         done = ~jnp.isnan(h[:, 0, 0])[None, :, None, None, None]
-        k_new = jnp.where(done, jnp.stack([o[0] for o in outs]), jnp.zeros((), cache.k.dtype))
-        v_new = jnp.where(done, jnp.stack([o[1] for o in outs]), jnp.zeros((), cache.v.dtype))
+        k_new = jnp.where(done, jnp.stack([o[0] for o in outs]), jnp.zeros((), cache.dtype))
+        v_new = jnp.where(done, jnp.stack([o[1] for o in outs]), jnp.zeros((), cache.dtype))
         q_all = jnp.stack([o[2] for o in outs]) if queries else None
     else:
         xs = (params.layers, cache.k, cache.v, jnp.arange(cfg.num_layers))
         (h, _), (k_new, v_new, q_all) = jax.lax.scan(layer, (h, state), xs)
     h = rms_norm(h, params.final_norm, cfg.rms_norm_eps)
     out = write_kv(cache, k_new, v_new) if write else (k_new, v_new)
+    if restack and write:
+        out = out.layered()
     return (h, out, q_all) if queries else (h, out)
 
 
@@ -153,6 +163,8 @@ def write_kv(
     # [B, T, L, K, E]: the index dims first, as `scatter_slots` takes them
     cache = cache.scatter_slots(rows, slots, k_new.transpose(1, 2, 0, 3, 4),
                                 v_new.transpose(1, 2, 0, 3, 4))  # fmt: skip
+    if cache.per_layer:  # unsharded (unrolled weights run on one device)
+        return cache
     return cache.replace(k=constrain(cache.k, cache.k_axes), v=constrain(cache.v, CACHE_AXES))
 
 

@@ -29,8 +29,11 @@ def tree_attention(
     impl: common.Impl = "auto",
     block_sizes: BlockSizes | None = None,
     k_slot_last: bool = False,
+    finite_values: bool = False,
 ) -> Float[Array, "B T H E"]:
-    """`k_slot_last`: k_cache is [B, K, E, S] (`jaxspec.kv_cache.KVCache.k_slot_last`)."""
+    """`k_slot_last`: k_cache is [B, K, E, S] (`jaxspec.kv_cache.KVCache.k_slot_last`).
+    `finite_values`: V is finite in every slot, masked ones included (the reference then skips
+    zeroing them; the kernel masks by its own means either way)."""
     B, T, H, K, S, E = common.validate(
         q, k_cache, v_cache, lengths, k_new, v_new, inflight, k_slot_last=k_slot_last
     )
@@ -39,7 +42,7 @@ def tree_attention(
     def ref():
         return reference.tree_attention(
             q, k_cache, v_cache, lengths, k_new, v_new, inflight, positions, sliding_window,
-            k_slot_last,
+            k_slot_last, finite_values,
         )  # fmt: skip
 
     def pallas(interpret: bool):
