@@ -318,8 +318,10 @@ def cmd_bench_long(args) -> int:
     from jaxspec import costmodel
     from jaxspec.bench import machine_info, machine_line, write_section
     from jaxspec.cli import _int_list, build_magicdec_config
+    from jaxspec.drafting.vocab import in_layout
     from jaxspec.kv_cache import check_fits
     from jaxspec.models import load_model
+    from jaxspec.runner import resolve_layout
     from jaxspec.speculative import SpecConfig
     from jaxspec.trees import chain
 
@@ -338,6 +340,8 @@ def cmd_bench_long(args) -> int:
         raise InputError("--long-context measures greedy decoding: use --temperature 0")
     md0 = build_magicdec_config(args)
     model = load_model(args.model, args.dtype, progress=True, attention=args.attention)
+    layout = resolve_layout(args.layout)  # what a `Runner` decodes with (unrolled on one CPU)
+    model = dataclasses.replace(model, params=in_layout(model.params, layout))
     cfg = model.cfg
     out_len = args.max_new_tokens
     n1 = max(gammas) + 1
@@ -496,7 +500,8 @@ def cmd_bench_long(args) -> int:
         jax.clear_caches()  # a long sweep's compiled programs add up (8K × 16 ran out of memory)
     total_s = time.perf_counter() - t_all
     report = {
-        "model": str(model.name), "dtype": args.dtype, "builder": md0.builder, "sink": md0.sink,
+        "model": str(model.name), "dtype": args.dtype, "layout": layout,
+        "builder": md0.builder, "sink": md0.sink,
         "budget": md0.budget, "gammas": gammas, "budgets": budgets, "batches": batches,
         "contexts": contexts, "max_new_tokens": out_len, "distinct_rows": args.distinct_rows,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
@@ -609,7 +614,9 @@ def report_markdown(r: dict, machine: str) -> str:
         "",
         f"- Date (UTC): {r['date']}; machine: {machine}; JAX {r['jax_version']}",
         f"- Command: `{r['command']}`",
-        f"- `{r['model']}` {r['dtype']}, greedy self-speculation, draft cache builder "
+        f"- `{r['model']}` {r['dtype']}, {r.get('layout', 'input')}-layout weights"
+        + (" (per-layer target KV cache)" if r.get("layout") == "unrolled" else "")
+        + f", greedy self-speculation, draft cache builder "
         f"`{r['builder']}`"
         + (
             " (the target's sink/window KV rows copied, not the reference's streaming re-prefill)"

@@ -248,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         help="distinct book windows prefilled per context (batches repeat them)",
     )
+    lc.add_argument("--layout", choices=("auto", "input", "output", "unrolled"), default="auto",
+                    help="weight layout the sweep decodes with (default: what `generate` uses: "
+                    "unrolled on one CPU device, with per-layer KV caches)")  # fmt: skip
     lc.add_argument("--skip", type=int, default=2000, help="tokens skipped at each book's start")
     lc.add_argument("--reps", type=int, default=3, help="timing repetitions per forward")
     lc.add_argument(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shlex
 import sys
 import time
@@ -63,6 +62,7 @@ def main(argv=None) -> str:
     import numpy as np
     from tqdm import tqdm
 
+    from jaxspec.bench import machine_info, machine_line
     from jaxspec.kv_cache import advance, init_cache
     from jaxspec.model import forward, unrolled
     from jaxspec.models import load_model
@@ -125,8 +125,7 @@ def main(argv=None) -> str:
         START,
         "## Stacked vs per-layer KV cache, AR decode steps (`scripts/bench_cache_layout.py`)",
         "",
-        f"- Date (UTC): {now}; machine: {platform.processor() or platform.machine()}, "
-        f"JAX {jax.__version__} (backend {jax.default_backend()})",
+        f"- Date (UTC): {now}; machine: {machine_line(machine_info())}; JAX {jax.__version__}",
         f"- Command: `{cmd.strip()}`",
         f"- `{args.model}` float32, unrolled weights, slot-last K; {n} greedy steps per jitted "
         f"loop (cache donated); median over rounds {args.rounds - 1} of {args.rounds} (first "

@@ -160,7 +160,8 @@ def test_bench_bad_prompts_file(tmp_path, capsys):
 def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     """`bench --long-context` end to end at a tiny size: acceptance per budget, every batch's
     configurations checked against AR (identical rows recorded), the chooser's pick among the
-    measured configurations, the markdown section and the profile `--gamma auto` reads."""
+    measured configurations, the markdown section and the profile `--gamma auto` reads; by
+    default the sweep decodes in the runner's layout."""
     from jaxspec.magicdec_auto import read_magicdec_profile
 
     words = "the river ran past the mill and the miller sang of bread and rain ".split()
@@ -178,6 +179,10 @@ def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     r = json.loads(out_json.read_text())
+    from jaxspec.runner import resolve_layout
+
+    # `--layout auto`: what `generate` decodes with (unrolled on one CPU; $JAXSPEC_LAYOUT here)
+    assert r["layout"] == resolve_layout("auto")
     assert set(r["alphas"]["200"]) == {"48", "96"}
     assert [row["batch"] for row in r["results"]] == [2]
     for row in r["results"]:
@@ -199,6 +204,7 @@ def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     text = md.read_text()
     assert text.startswith("intro") and "<!-- bench-long:start -->" in text
     assert "every configuration's output equals AR's" in text
+    assert f"{r['layout']}-layout weights" in text
     body = read_magicdec_profile(prof)
     assert body["batches"] == [2] and body["budgets"] == [48, 96]
     # the whole-step table (γ = 0 is AR) and the accepted-length histograms the chooser reads
