@@ -16,10 +16,11 @@ Scratch slots are always masked, so garbage there never leaks.
 Per-layer caches (`layered()`; what decoding with unrolled weights uses, `spec_prefill`): `k`
 and `v` are tuples of L arrays, `[B, K, S, E]` each (K `[B, K, E, S]` slot-last), so each layer's
 attention reads its own buffer in place. A layer sliced out of the stacked `[L, ...]` array is a
-copy on XLA:CPU (read, write, read again: at batch 4 × 4096 slots a decode step took 108 ms
-stacked and 69 ms per-layer). A per-layer cache holds finite values only: `layered()` and every
-write store non-finite K/V as 0. Its attention therefore skips zeroing V's scratch slots (another
-cache-sized copy per layer): masked probabilities times finite values are exactly 0.
+copy on XLA:CPU (read, write, read again: at batch 4 × 4096 slots an AR step took 110 ms
+stacked and 83 ms per-layer; `scripts/bench_cache_layout.py`). A per-layer cache holds finite
+values only: `layered()` and every write store non-finite K/V as 0. Its attention therefore skips
+zeroing V's scratch slots (another cache-sized copy per layer): masked probabilities times finite
+values are exactly 0.
 `stacked()` converts back; `gather_slots` / `scatter_slots` / `k_std` / `v_std` take both forms.
 """
 
@@ -75,7 +76,7 @@ class KVCache:
 
     def v_std(self) -> Float[Array, "L B K S E"]:
         """V as one [L, B, K, S, E] array (a copy when held per layer)."""
-        return jnp.stack(self.v) if self.per_layer else self.v
+        return self.stacked().v
 
     @property
     def k_axes(self) -> tuple:
@@ -84,7 +85,7 @@ class KVCache:
 
     def k_std(self) -> Float[Array, "L B K S E"]:
         """K as [L, B, K, S, E] (a transposed copy when stored slot-last)."""
-        k = jnp.stack(self.k) if self.per_layer else self.k
+        k = self.stacked().k
         return k.swapaxes(3, 4) if self.k_slot_last else k
 
     def gather_slots(
