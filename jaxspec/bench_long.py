@@ -263,7 +263,9 @@ class LongBench:
         del cache
         for K in budgets:
             small = init_cache(cfg, B, K + 1, self.cache.k.dtype, self.cache.k_slot_last)
-            small = small.replace(lengths=jnp.full((B,), K, jnp.int32))  # stacked, as MagicDec's
+            small = small.replace(lengths=jnp.full((B,), K, jnp.int32))
+            if is_unrolled(self.model.params):  # per layer, as decoding holds MagicDec's cache
+                small = small.layered()
             t[(K, 1)] = _median_time(fwd, self.model.params, small, jnp.ones((B, 1), jnp.int32),
                                      reps=reps)  # fmt: skip
         return t

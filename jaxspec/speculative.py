@@ -491,12 +491,12 @@ def spec_prefill(
 
 def decode_layout(params_t: Params, params_d, spec: SpecConfig, state: SpecState) -> SpecState:
     """The state with per-layer caches (`KVCache.layered`, a copy) where the weights they are
-    decoded with are unrolled: the target cache, and a draft model's full-size cache (MagicDec's
-    compact draft cache stays stacked). Decoding reads each layer's buffer in place then."""
+    decoded with are unrolled: the target cache, and the draft model's cache (full-size, or
+    MagicDec's compact one). Decoding reads each layer's buffer in place then."""
     cache, dcache = state.cache, state.draft_cache
     if is_unrolled(params_t):
         cache = cache.layered()
-    if dcache is not None and spec.magicdec is None and is_unrolled(model_params(params_d)):
+    if dcache is not None and spec.uses_draft_model and is_unrolled(model_params(params_d)):
         dcache = dcache.layered()
     return state.replace(cache=cache, draft_cache=dcache)
 

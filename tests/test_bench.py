@@ -19,6 +19,9 @@ def run_cli(capsys, *argv):
     return code, out, err
 
 
+# slow (113 s): the bench command end to end on the real model; its parts (method parsing,
+# prompt selection, aggregation, bad input) are tested below
+@pytest.mark.slow
 def test_bench_on_smollm2(smollm2, tmp_path, capsys):
     f = tmp_path / "q.jsonl"
     recs = [
@@ -157,6 +160,9 @@ def test_bench_bad_prompts_file(tmp_path, capsys):
     assert code == 2 and "nope.jsonl" in err
 
 
+# slow (99 s): the sweep end to end; its pieces (windows, chooser, cost model, MagicDec == AR)
+# are tested in test_long_bench_small_batches_cover_every_window, test_costmodel, test_magicdec
+@pytest.mark.slow
 def test_bench_long_context_on_smollm2(smollm2, tmp_path, capsys):
     """`bench --long-context` end to end at a tiny size: acceptance per budget, every batch's
     configurations checked against AR (identical rows recorded), the chooser's pick among the

@@ -146,6 +146,8 @@ def test_speculative_option_errors(capsys):
     assert code == 2 and "no_such_tree" in err
 
 
+# slow (35 s): a draft model equal to the target is tested on tiny models (test_speculative)
+@pytest.mark.slow
 def test_model_drafter_equal_to_target_accepts_everything(smollm2, capsys):
     """--drafter model with the target itself as the draft checkpoint: every draft is accepted."""
     code, out, _ = run_cli(capsys, "generate", "--prompt", "Count from one to ten.",
@@ -162,6 +164,8 @@ def test_model_drafter_needs_a_draft(capsys):
     assert code == 2 and "--draft" in err
 
 
+# slow (50 s): CritiPrefill then speculation == AR is tested on tiny models (test_critiprefill)
+@pytest.mark.slow
 def test_critiprefill_on_smollm2(smollm2, capsys):
     """CritiPrefill on the real model: with the threshold past the prompt nothing is pruned and
     the output equals dense prefill's; an aggressive setting prunes and still decodes."""

@@ -221,6 +221,8 @@ def test_auto_tree_bucket_lookup():
     assert auto.tree_for(2, 100) is None and auto.tree_for(64, 1000) == t4
 
 
+# slow (43 s): per-bucket specs are also run by test_sssd_auto and test_profiling's tree auto
+@pytest.mark.slow
 def test_runner_with_a_per_bucket_spec_equals_ar():
     """A runner whose configuration depends on the bucket (tree at batch 1, AR at batch 2)."""
     import dataclasses

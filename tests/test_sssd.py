@@ -329,6 +329,9 @@ def code_datastore(smollm2, tmp_path_factory):
     return out
 
 
+# slow (134 s): SSSD greedy == AR (fixed N, adaptive widths, datastore) is checked on tiny
+# models in this file; this is the same on the real model through the CLI
+@pytest.mark.slow
 def test_sssd_generate_equals_ar_on_smollm2(smollm2, code_datastore, capsys):
     common = ["generate", "--prompt", REPEAT, "--prompt", "Write a Python function that adds "
               "two numbers.", "--max-new-tokens", "40", "--batch-size", "2", "--json"]  # fmt: skip

@@ -123,6 +123,8 @@ def test_auto_specs_decode_as_ar_and_tau_matches_the_runner():
     assert {r["tree_nodes"] for r in runner.last_rows} == {1}
 
 
+# slow (66 s): the profile and the auto specs are tested on a tiny model above
+@pytest.mark.slow
 def test_profile_sssd_cli_and_auto_generate(smollm2, tmp_path, capsys):
     import tomllib
 
