@@ -396,6 +396,7 @@ def cmd_bench_long(args) -> int:
             log(f"context {n}: budget {K}: alpha {r['alpha']:.3f}, tau {r['tau']:.2f} "
                 f"(γ = {ref_gamma})")  # fmt: skip
         alphas_by_ctx[n], hists_by_ctx[n] = alphas, hists
+        jax.clear_caches()  # the acceptance runs' programs (see the end of a batch bucket)
         for B in batches:
             try:
                 # the gathered cache, XLA's working copy of it in the decode loop and the
@@ -489,6 +490,12 @@ def cmd_bench_long(args) -> int:
                     c["measured"] for c in row["configs"] if (c["gamma"], c["budget"]) == chosen
                 )
             results.append(row)
+            # drop this bucket's compiled programs (the next bucket's shapes differ): compiled
+            # unrolled programs map memory regions by the thousand (~110 per forward, ~15 000
+            # per batch bucket at 1K), and the 8K sweep in the runner's layout aborted in its
+            # second batch when mmap hit the kernel's map-count limit (65 530 here; "LLVM
+            # ERROR: Unable to allocate section memory")
+            jax.clear_caches()
             if args.json is not None:  # partial results survive a crash of a later bucket
                 args.json.write_text(json.dumps({"partial": True, "alphas": {
                     str(k): {str(b): a for b, a in v.items()} for k, v in alphas_by_ctx.items()},
