@@ -139,17 +139,14 @@ def prepare(md: MagicDec, cfg: ModelConfig, dcache: KVCache, ring: DraftRing, to
     x = ring.fixed_k.transpose(1, 0, 3, 2, 4).reshape(B, L * F, K, E)
     shift = jnp.broadcast_to((total - nv)[:, None], (B, L * F))
     x = apply_rope(x, shift, rope_inv_freq(cfg)).reshape(B, L, F, K, E).transpose(1, 0, 3, 2, 4)
+    x = (x.swapaxes(3, 4) if dcache.k_slot_last else x).astype(dcache.dtype)  # K's layout
+    axis = 3 if dcache.k_slot_last else 2  # the slot axis of one layer's K
     if dcache.per_layer:  # each layer's buffer updated in place (finite: rotated finite keys)
-        x = x.swapaxes(3, 4) if dcache.k_slot_last else x
-        k = tuple(
-            y.at[..., :F].set(x[i].astype(y.dtype)) if dcache.k_slot_last
-            else y.at[:, :, :F].set(x[i].astype(y.dtype))
-            for i, y in enumerate(dcache.k)
-        )  # fmt: skip
-        return dcache.replace(k=k)
-    if dcache.k_slot_last:
-        return dcache.replace(k=dcache.k.at[..., :F].set(x.swapaxes(3, 4).astype(dcache.k.dtype)))
-    return dcache.replace(k=dcache.k.at[:, :, :, :F].set(x.astype(dcache.k.dtype)))
+        k = tuple(jax.lax.dynamic_update_slice_in_dim(y, x[i], 0, axis)
+                  for i, y in enumerate(dcache.k))  # fmt: skip
+    else:
+        k = jax.lax.dynamic_update_slice_in_dim(dcache.k, x, 0, axis + 1)
+    return dcache.replace(k=k)
 
 
 def commit(

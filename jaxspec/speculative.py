@@ -496,7 +496,7 @@ def decode_layout(params_t: Params, params_d, spec: SpecConfig, state: SpecState
     cache, dcache = state.cache, state.draft_cache
     if is_unrolled(params_t):
         cache = cache.layered()
-    if dcache is not None and spec.uses_draft_model and is_unrolled(model_params(params_d)):
+    if dcache is not None and is_unrolled(model_params(params_d)):
         dcache = dcache.layered()
     return state.replace(cache=cache, draft_cache=dcache)
 
