@@ -27,7 +27,9 @@ i comes from book i mod #books, at offset `--skip` + (i div #books)·n tokens). 
   4. Predicted speedup of every configuration = E(γ, K) · T_step(0) / (T_step(γ) + γ·δ(K)),
      δ(K) = (T_step(γ_max, K) − T_step(γ_max, K0)) / γ_max: one draft step's cost change from K0
      to K, measured inside whole steps (`costmodel.predict_by_steps`; E from the accepted-length
-     histogram of step 2),
+     histogram of step 2, as the tokens per step of a static batch of B rows that each decode
+     `--max-new-tokens` − 1 tokens: the batch steps until its slowest row is done,
+     `costmodel.batch_tokens_per_step`),
      shown beside the forward-only Ω(γ, α(K)) · t(B,n,1) / (γ·t(B,K,1) + t(B,n,γ+1))
      (`costmodel.speedup_chain`); measured speedup = median over rounds of MagicDec decode
      tokens/s ÷ AR decode tokens/s of the same round. The chooser
@@ -423,8 +425,11 @@ def cmd_bench_long(args) -> int:
             timing = costmodel.MeasuredTiming.from_table(table, source="bench")
             st = step_table({n: {B: step}}, [B], [n], K0, {n: {B: bstep}})
             steps = costmodel.StepTiming.from_table(st, source="bench")
+            # a static batch of B rows each decoding out_len - 1 tokens (the first comes from
+            # the prefill): it steps until its slowest row is done
+            per_row = max(out_len - 1, 1)
             pick = costmodel.choose_speculation(alphas, timing, B, n, gammas=gammas, steps=steps,
-                                                hists=hists)  # fmt: skip
+                                                hists=hists, tokens_per_row=per_row)  # fmt: skip
             configs = [(g, md0.budget) for g in gammas]
             if pick is not None and (pick.gamma, pick.budget) not in configs:
                 configs.append((pick.gamma, pick.budget))
@@ -466,7 +471,7 @@ def cmd_bench_long(args) -> int:
                     t[(n, g + 1)],
                 )
                 pred = costmodel.predict_by_steps(alphas[K], hists[K], timing, steps, B, n, g,
-                                                  K)[0]  # fmt: skip
+                                                  K, per_row)[0]  # fmt: skip
                 rs = runs[(g, K)]
                 ratios = [r["tokens_per_s"] / a for r, a in zip(rs, ar_tps, strict=True)]
                 c = {"gamma": g, "budget": K, "predicted": pred, "predicted_forward": pred_fwd,

@@ -45,6 +45,10 @@ Choosing γ and the draft KV budget (MagicDec, self-speculation with a K-slot sp
     and γ at one reference budget) the chooser predicts E(γ)·T_AR_step / T_step(γ, K) instead:
     the step's overheads outside the forwards (accept walk, commits, sink rotation) are then
     measured, not ignored, and E(γ) comes from the measured accepted-length histogram.
+  * A static batch (the runner's, the bench's) steps until its slowest row is done. Given the
+    tokens each row decodes (`tokens_per_row`), E is the batch's tokens per step,
+    `batch_tokens_per_step`: tokens / E[max over rows of the steps a row needs], exact for
+    i.i.d. steps. It falls with batch size; AR needs the same steps for every row.
 """
 
 from __future__ import annotations
@@ -460,6 +464,59 @@ def expected_tokens_chain(accept_hist: Sequence[float], gamma: int) -> float:
     return float(1.0 + reach[1 : g + 1].sum())
 
 
+def step_token_probs(
+    gamma: int, accept_hist: Sequence[float] | None = None, alpha: float | None = None
+) -> np.ndarray:
+    """P(a step emits k tokens), k = 0..γ + 1 (entry 0 is 0): k = 1 + min(A, γ) for a greedy
+    chain of γ drafts, A the accepted drafts. From the accepted-length histogram of a chain of
+    γ_ref ≥ γ drafts (as `expected_tokens_chain`), else i.i.d. per-token acceptance α."""
+    g = _positive_int("gamma", gamma)
+    p = np.zeros(g + 2)
+    if accept_hist is not None:
+        h = np.asarray(accept_hist, np.float64)
+        if h.ndim != 1 or h.size < g + 1 or not np.all(h >= 0) or h.sum() <= 0:
+            raise ConfigError(f"accept_hist must be a non-negative histogram of >= γ + 1 = "
+                              f"{g + 1} counts, got {list(h)}")  # fmt: skip
+        for a, c in enumerate(h / h.sum()):
+            p[1 + min(a, g)] += c
+        return p
+    if alpha is None:
+        raise ConfigError("step_token_probs needs accept_hist or alpha")
+    a = _alpha(alpha)
+    for k in range(g):
+        p[1 + k] = a**k * (1 - a)
+    p[g + 1] = a**g
+    return p
+
+
+def batch_tokens_per_step(probs: Sequence[float], tokens: int, batch: int) -> float:
+    """Tokens per step of a static batch in which every row decodes `tokens` tokens:
+    tokens / E[max_i S_i], S_i the steps row i needs. A batch runs until its slowest row is
+    done (AR needs exactly `tokens` steps for every row), and a row's last step may overshoot.
+    Steps are taken i.i.d. with `probs[k]` = P(a step emits k ≥ 1 tokens) (`step_token_probs`),
+    within and across rows: rows that differ in difficulty make the real tail longer still.
+
+    Exact: P(S ≤ s) by dynamic programming over a row's emitted tokens (capped at `tokens`),
+    E[max] = Σ_s (1 − P(S ≤ s)^batch). At batch 1 and tokens → ∞ this tends to Σ_k k·probs[k]."""
+    p = np.asarray(probs, np.float64)
+    T, B = _positive_int("tokens", tokens), _positive_int("batch", batch)
+    if p.ndim != 1 or p.size < 2 or p[0] != 0 or np.any(p < 0) or abs(p.sum() - 1) > 1e-9:
+        raise ConfigError(f"probs must be P(k tokens), k = 0.., with P(0) = 0, summing to 1, "
+                          f"got {list(p)}")  # fmt: skip
+    q = np.zeros(T + 1)  # q[t] = P(t tokens emitted so far), t = T absorbing (done)
+    q[0] = 1.0
+    e_max = 0.0
+    for _ in range(T):  # every step emits >= 1 token: S <= T
+        e_max += 1.0 - q[T] ** B  # P(max > s) for s = 0, 1, ..., T - 1
+        nq = np.zeros(T + 1)
+        nq[T] = q[T]
+        for k in range(1, p.size):
+            if p[k]:
+                np.add.at(nq, np.minimum(np.arange(T) + k, T), q[:T] * p[k])
+        q = nq
+    return float(T / e_max)
+
+
 # ---- the chooser -------------------------------------------------------------------------------
 
 
@@ -502,7 +559,7 @@ def _check_gammas(gammas: Iterable[int]) -> tuple[int, ...]:
 def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, context: int,
                        gammas: Iterable[int] = GAMMAS, steps: StepTiming | None = None,
                        hists: Mapping[int, Sequence[float]] | None = None,
-                       ) -> Pick | None:  # fmt: skip
+                       tokens_per_row: int | None = None) -> Pick | None:  # fmt: skip
     """The (γ, K) maximising the predicted speedup for one bucket. `alphas` maps each measured
     draft KV budget K to its acceptance rate α(K). Returns None (autoregressive) unless the best
     prediction exceeds 1. Ties go to the smaller γ, then the smaller K.
@@ -511,11 +568,18 @@ def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, 
     `StepTiming` (whole steps measured at budget K0) it is E(γ, K) · T_AR / T_step(γ, K), where
     T_step(γ, K) = step_s(γ) + γ · (t_draft(K) − t_draft(K0)) (only the γ draft forwards change
     with K) and E(γ, K) = `expected_tokens_chain(hists[K], γ)` when K's accepted-length
-    histogram is given, else Ω(γ, α(K)). Only the γ the step table measured are considered."""
+    histogram is given, else Ω(γ, α(K)). Only the γ the step table measured are considered.
+
+    `tokens_per_row` (a static batch whose rows each decode that many tokens, as the runner's
+    and the bench's batches do) replaces the mean tokens per step by the batch's,
+    `batch_tokens_per_step`: the batch steps until its slowest row is done. None: the mean
+    (no tail; e.g. a serving engine that refills finished rows)."""
     al, gs = _check_alphas(alphas), _check_gammas(gammas)
     b, n = _positive_int("batch", batch), _positive_int("context", context)
+    if tokens_per_row is not None:
+        _positive_int("tokens_per_row", tokens_per_row)
     if steps is not None:
-        return _choose_by_steps(al, gs, timing, steps, hists or {}, b, n)
+        return _choose_by_steps(al, gs, timing, steps, hists or {}, b, n, tokens_per_row)
     t1 = _time(f"t_target(batch={b}, context={n}, tokens=1)", timing.t_target(b, n, 1))
     best = None
     for g in gs:
@@ -525,16 +589,21 @@ def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, 
             kk = min(k, n)
             td = _time(f"t_draft(batch={b}, budget={kk})", timing.t_draft(b, kk))
             s = speedup_chain(a, g, t1, td, tv)
+            if tokens_per_row is not None:  # the batch's tokens per step, not the mean row's
+                e = batch_tokens_per_step(step_token_probs(g, alpha=a), tokens_per_row, b)
+                s *= e / omega(a, g)
             if best is None or s > best.speedup:
                 best = Pick(g, k, a, s, t1, td, tv)
     return best if best is not None and best.speedup > 1 else None
 
 
 def predict_by_steps(alpha: float, hist: Sequence[float] | None, timing: Timing,
-                     steps: StepTiming, batch: int, context: int, gamma: int,
-                     budget: int) -> tuple[float, float, float, float]:  # fmt: skip
+                     steps: StepTiming, batch: int, context: int, gamma: int, budget: int,
+                     tokens_per_row: int | None = None,
+                     ) -> tuple[float, float, float, float]:  # fmt: skip
     """The step-timed prediction of `choose_speculation` for one (γ, K):
-    (speedup, T_step(γ, K), T_AR step, t_draft(K))."""
+    (speedup, T_step(γ, K), T_AR step, t_draft(K)). With `tokens_per_row`, E is the static
+    batch's tokens per step (`batch_tokens_per_step`), else the mean row's."""
     b, n, g, k = batch, context, gamma, budget
     t_ar = _time(f"step_s(batch={b}, context={n}, γ=0)", steps.t_step(b, n, 0))
     td0 = _time(f"t_draft(batch={b}, budget={min(steps.budget, n)})",
@@ -545,17 +614,23 @@ def predict_by_steps(alpha: float, hist: Sequence[float] | None, timing: Timing,
     # table has them, else from isolated forwards over K-slot caches
     delta = steps.draft_delta(b, n, k) if steps.has_budget(k) else td - td0
     ts = _time(f"the predicted step at γ={g}, budget {k}", ts0 + g * delta)
-    e = expected_tokens_chain(hist, g) if hist is not None and len(hist) > g else omega(alpha, g)
+    hist = hist if hist is not None and len(hist) > g else None
+    if tokens_per_row is not None:
+        probs = step_token_probs(g, hist, None if hist is not None else alpha)
+        e = batch_tokens_per_step(probs, tokens_per_row, b)
+    else:
+        e = expected_tokens_chain(hist, g) if hist is not None else omega(alpha, g)
     return e * t_ar / ts, ts, t_ar, td
 
 
 def _choose_by_steps(al: dict[int, float], gs: tuple[int, ...], timing: Timing,
                      steps: StepTiming, hists: Mapping[int, Sequence[float]], b: int,
-                     n: int) -> Pick | None:  # fmt: skip
+                     n: int, tokens_per_row: int | None) -> Pick | None:  # fmt: skip
     best = None
     for g in (g for g in gs if g in steps.gammas):
         for k, a in al.items():
-            s, ts, t_ar, td = predict_by_steps(a, hists.get(k), timing, steps, b, n, g, k)
+            s, ts, t_ar, td = predict_by_steps(a, hists.get(k), timing, steps, b, n, g, k,
+                                               tokens_per_row)  # fmt: skip
             if best is None or s > best.speedup:
                 tv = timing.t_target(b, n, g + 1)
                 best = Pick(g, k, a, s, t_ar, td, tv, step_s=ts, ar_step_s=t_ar)

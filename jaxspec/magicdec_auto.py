@@ -61,7 +61,9 @@ class AutoMagicDec:
                 raise ConfigError(f"{source}: step_batches {list(self.steps.batches)} differ "
                                   f"from batches {list(self.timing.batches)}")  # fmt: skip
 
-    def choose(self, batch: int, context: int):
+    def choose(self, batch: int, context: int, tokens_per_row: int | None = None):
+        """(γ, K) or None for a bucket; `tokens_per_row`: the tokens each row of a static batch
+        decodes (`costmodel.batch_tokens_per_step`), None: the mean row's tokens per step."""
         from jaxspec.costmodel import choose_speculation
 
         p = self.prof
@@ -73,13 +75,15 @@ class AutoMagicDec:
                    key=lambda i: abs(p["alpha_contexts"][i] - context))  # fmt: skip
         alphas = dict(zip(p["budgets"], p["alpha"][near], strict=True))
         if self.steps is None:
-            return choose_speculation(alphas, self.timing, b, ctx, gammas=self.gammas)
+            return choose_speculation(alphas, self.timing, b, ctx, gammas=self.gammas,
+                                      tokens_per_row=tokens_per_row)  # fmt: skip
         hists = None
         if "accept_hist" in p:
             hists = dict(zip(p["budgets"], p["accept_hist"][near], strict=True))
         sctx = min(max(context, self.steps.contexts[0]), self.steps.contexts[-1])
         return choose_speculation(alphas, self.timing, b, sctx, gammas=self.gammas,
-                                  steps=self.steps, hists=hists)  # fmt: skip
+                                  steps=self.steps, hists=hists,
+                                  tokens_per_row=tokens_per_row)  # fmt: skip
 
 
 def auto_magicdec(args, model, md, dcfg, verifier: str):
@@ -94,10 +98,15 @@ def auto_magicdec(args, model, md, dcfg, verifier: str):
         Path(str(model.name)).name
     )
     auto = AutoMagicDec(read_magicdec_profile(path), source=str(path))
+    # the runner's batches are static: a batch steps until its slowest row is done (each row
+    # decodes max_new_tokens - 1 tokens after the prefill's; rows ending earlier at EOS are not
+    # modelled). Callers without a max_new_tokens get the mean row's tokens per step.
+    new = getattr(args, "max_new_tokens", None)
+    per_row = max(int(new) - 1, 1) if new is not None else None
 
     @functools.cache
     def spec_for(batch: int, context: int):
-        pick = auto.choose(batch, context)
+        pick = auto.choose(batch, context, per_row)
         if pick is None:
             return None
         mdk = dataclasses.replace(md, budget=pick.budget)

@@ -15,6 +15,7 @@ from jaxspec.costmodel import (
     MeasuredTiming,
     Pick,
     StepTiming,
+    batch_tokens_per_step,
     choose_speculation,
     critical_length,
     decode_cost,
@@ -27,6 +28,7 @@ from jaxspec.costmodel import (
     speedup_chain,
     speedup_tree,
     step_time,
+    step_token_probs,
 )
 from jaxspec.errors import ConfigError
 from jaxspec.hardware import Roofline
@@ -383,6 +385,87 @@ def test_expected_tokens_chain_equals_enumeration():
         expected_tokens_chain([1, 2, 3], 3)
     with pytest.raises(ConfigError, match="histogram"):
         expected_tokens_chain([0, 0], 1)
+
+
+def _mc_batch_tokens_per_step(probs, tokens, batch, trials=20000, seed=0) -> float:
+    """tokens / mean over trials of max over `batch` rows of the steps to emit `tokens`."""
+    rng = np.random.default_rng(seed)
+    k = rng.choice(len(probs), size=(trials, batch, tokens), p=probs)  # tokens emitted per step
+    steps = (np.cumsum(k, axis=-1) < tokens).sum(-1) + 1  # the step reaching `tokens`
+    return tokens / steps.max(-1).mean()
+
+
+def test_batch_tokens_per_step_is_the_slowest_rows_rate():
+    """A static batch steps until its slowest row has its tokens: tokens / E[max_i S_i]. Exact
+    on closed cases (every draft accepted: ceil(T / (γ + 1)) steps for every row; none
+    accepted: the AR rate 1), equal to Monte-Carlo simulation of B rows, non-increasing in the
+    batch size, and at batch 1 and long outputs it tends to the mean tokens per step."""
+    hist = [4, 10, 4, 13, 34]  # a measured accepted-length histogram (chain of 4)
+    for g in (1, 2, 3, 4):
+        p = step_token_probs(g, hist)
+        assert p.sum() == pytest.approx(1) and p[0] == 0
+        assert (np.arange(p.size) * p).sum() == pytest.approx(expected_tokens_chain(hist, g))
+        a = 0.8
+        pa = step_token_probs(g, alpha=a)
+        assert (np.arange(pa.size) * pa).sum() == pytest.approx(omega(a, g))
+        full = np.zeros(g + 2)
+        full[-1] = 1.0
+        for T in (5, 63, 64):
+            assert batch_tokens_per_step(full, T, 7) == pytest.approx(T / -(-T // (g + 1)))
+            assert batch_tokens_per_step([0.0, 1.0], T, 7) == pytest.approx(1.0)
+    p = step_token_probs(3, hist)
+    rates = [batch_tokens_per_step(p, 63, b) for b in (1, 2, 4, 16, 32)]
+    assert all(x > y for x, y in zip(rates, rates[1:], strict=False))
+    for b in (1, 4, 16):
+        assert batch_tokens_per_step(p, 63, b) == pytest.approx(
+            _mc_batch_tokens_per_step(p, 63, b), rel=0.01
+        )
+    assert batch_tokens_per_step(p, 4000, 1) == pytest.approx(expected_tokens_chain(hist, 3),
+                                                              rel=2e-3)  # fmt: skip
+    with pytest.raises(ConfigError, match="P\\(0\\) = 0"):
+        batch_tokens_per_step([0.5, 0.5], 10, 2)
+    with pytest.raises(ConfigError, match="batch"):
+        batch_tokens_per_step(p, 10, 0)
+    with pytest.raises(ConfigError, match=">= γ \\+ 1 = 4 counts"):
+        step_token_probs(3, [1, 2, 3])
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_chooser_with_a_static_batch_uses_the_slowest_rows_rate(seed):
+    """With `tokens_per_row` the chooser's E is `batch_tokens_per_step` (histogram where given,
+    else i.i.d. α), with step timing and with forward timing; every prediction is ≤ the
+    mean-row one, and the picks equal the brute-force argmax (None where it is ≤ 1)."""
+    table, st = synthetic_table(seed), synthetic_steps(seed)
+    timing, steps = MeasuredTiming.from_table(table), StepTiming.from_table(st)
+    rng = np.random.default_rng(seed)
+    hists = {k: rng.integers(1, 20, size=5).tolist() for k in (256, 1024)}
+    T = 31
+    outcomes = set()
+    for b, c in itertools.product(BATCHES, CONTEXTS):
+        best = (1.0, None)
+        for g in STEP_GAMMAS[1:]:
+            for k in sorted(ALPHAS):
+                mean, ts, t_ar, _ = predict_by_steps(ALPHAS[k], hists.get(k), timing, steps, b,
+                                                     c, g, k)  # fmt: skip
+                sp = predict_by_steps(ALPHAS[k], hists.get(k), timing, steps, b, c, g, k, T)[0]
+                probs = step_token_probs(g, hists.get(k), None if k in hists else ALPHAS[k])
+                assert sp == pytest.approx(batch_tokens_per_step(probs, T, b) * t_ar / ts)
+                assert sp <= mean + 1e-12
+                if sp > best[0]:
+                    best = (sp, (g, k))
+        pick = choose_speculation(ALPHAS, timing, b, c, steps=steps, hists=hists,
+                                  tokens_per_row=T)  # fmt: skip
+        assert (None if pick is None else (pick.gamma, pick.budget)) == best[1], (b, c)
+        outcomes.add(pick is None)
+        fwd = choose_speculation(ALPHAS, timing, b, c, tokens_per_row=T)
+        plain = choose_speculation(ALPHAS, timing, b, c)
+        if fwd is not None:
+            assert plain is not None and fwd.speedup <= plain.speedup + 1e-12
+            e = batch_tokens_per_step(step_token_probs(fwd.gamma, alpha=fwd.alpha), T, b)
+            assert fwd.speedup == pytest.approx(speedup_chain(
+                fwd.alpha, fwd.gamma, fwd.target_1_s, fwd.draft_s, fwd.verify_s
+            ) * e / omega(fwd.alpha, fwd.gamma))  # fmt: skip
+    assert outcomes == {True, False}
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -13,6 +13,7 @@
 """
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -311,7 +312,10 @@ def test_gamma_auto_uses_the_profiled_step_times(tmp_path):
     timing, st = auto.timing, auto.steps
     assert st is not None
     outcomes = set()
-    for b, ctx in [(16, 4096), (16, 1024), (16, 3000), (1, 4096), (16, 9000)]:
+    # per_row: a static batch whose rows decode that many tokens (None: the mean row's rate)
+    for (b, ctx), per_row in itertools.product(
+        [(16, 4096), (16, 1024), (16, 3000), (1, 4096), (16, 9000)], [None, 15]
+    ):
         near = 0 if abs(1024 - ctx) < abs(4096 - ctx) else 1
         sctx = min(max(ctx, 1024), 4096)
         best, arg = 1.0, None
@@ -319,11 +323,11 @@ def test_gamma_auto_uses_the_profiled_step_times(tmp_path):
             for ki, K in enumerate(body["budgets"]):
                 sp = costmodel.predict_by_steps(body["alpha"][near][ki],
                                                 steps["accept_hist"][near][ki], timing, st, b,
-                                                sctx, g, K)[0]  # fmt: skip
+                                                sctx, g, K, per_row)[0]  # fmt: skip
                 if sp > best:
                     best, arg = sp, (g, K)
-        pick = auto.choose(b, ctx)
-        assert (None if pick is None else (pick.gamma, pick.budget)) == arg, (b, ctx)
+        pick = auto.choose(b, ctx, per_row)
+        assert (None if pick is None else (pick.gamma, pick.budget)) == arg, (b, ctx, per_row)
         outcomes.add(arg is None)
     assert outcomes == {True, False}  # both a speculative pick and AR are exercised
     slow = [[[row[0] * (1 + 2 * g) for g in gammas] for row in plane] for plane in step]
