@@ -132,6 +132,14 @@ class LongBench:
         self._start = jax.jit(_start_gathered, static_argnames=("spec", "max_new_tokens", "chunk"))
         self._dec: dict = {}  # (spec, B, max_new_tokens) -> compiled decode loop
 
+    def drop_compiled(self) -> None:
+        """Release every compiled program: the decode loops this object holds (`jax.clear_caches`
+        alone keeps them alive) and JAX's caches. Compiled unrolled programs map memory regions
+        by the thousand (~110 per forward); a sweep that kept each bucket's decode loops
+        crashed at 1K × 32 on the kernel's map-count limit (vm.max_map_count, 65 530 here)."""
+        self._dec.clear()
+        jax.clear_caches()
+
     def state(self, spec, B: int, max_new_tokens: int, offset: int = 0):
         """A fresh decode state of B rows: row r is base window (offset + r) mod D."""
         from jaxspec.sampling import SamplingParams
@@ -398,7 +406,7 @@ def cmd_bench_long(args) -> int:
             log(f"context {n}: budget {K}: alpha {r['alpha']:.3f}, tau {r['tau']:.2f} "
                 f"(γ = {ref_gamma})")  # fmt: skip
         alphas_by_ctx[n], hists_by_ctx[n] = alphas, hists
-        jax.clear_caches()  # the acceptance runs' programs (see the end of a batch bucket)
+        bench.drop_compiled()  # the acceptance runs' programs (see the end of a batch bucket)
         for B in batches:
             try:
                 # the gathered cache, XLA's working copy of it in the decode loop and the
@@ -500,7 +508,7 @@ def cmd_bench_long(args) -> int:
             # per batch bucket at 1K), and the 8K sweep in the runner's layout aborted in its
             # second batch when mmap hit the kernel's map-count limit (65 530 here; "LLVM
             # ERROR: Unable to allocate section memory")
-            jax.clear_caches()
+            bench.drop_compiled()
             if args.json is not None:  # partial results survive a crash of a later bucket
                 args.json.write_text(json.dumps({"partial": True, "alphas": {
                     str(k): {str(b): a for b, a in v.items()} for k, v in alphas_by_ctx.items()},
