@@ -44,7 +44,9 @@ Choosing γ and the draft KV budget (MagicDec, self-speculation with a K-slot sp
   * With a `StepTiming` (whole `spec_step`s timed on the real decode state, per batch, context
     and γ at one reference budget) the chooser predicts E(γ)·T_AR_step / T_step(γ, K) instead:
     the step's overheads outside the forwards (accept walk, commits, sink rotation) are then
-    measured, not ignored, and E(γ) comes from the measured accepted-length histogram.
+    measured, not ignored, and E(γ) comes from the measured accepted-length histogram. The
+    steps are read through a least-squares line over γ ≥ 1 (`StepTiming.t_step_fit`: a step
+    is affine in γ), which averages the timing noise of the individual γ.
   * A static batch (the runner's, the bench's) steps until its slowest row is done. Given the
     tokens each row decodes (`tokens_per_row`), E is the batch's tokens per step,
     `batch_tokens_per_step`: tokens / E[max over rows of the steps a row needs], exact for
@@ -431,6 +433,20 @@ class StepTiming:
              for k in (budget, self.budget)]  # fmt: skip
         return (t[0] - t[1]) / self.budget_gamma
 
+    def t_step_fit(self, batch: int, context: int, gamma: int) -> float:
+        """`t_step` smoothed over γ, what the chooser reads: for γ ≥ 1 the least-squares line
+        a + b·γ through the table's γ ≥ 1 steps at this batch and context. A step is affine in
+        γ (γ draft forwards, and a verify whose cost grows with its γ + 1 tokens), and the fit
+        averages the per-γ timing noise of a short measurement (this VM timed 8K × 1 at
+        γ = 2/3/4: 210/224/362 ms, though one draft step costs ~30 ms there). γ = 0 (the AR
+        step), and tables with fewer than two γ ≥ 1, are returned as measured."""
+        t = self.t_step(batch, context, gamma)  # validates batch, context and γ
+        gs = [g for g in self.gammas if g >= 1]
+        if gamma == 0 or len(gs) < 2:
+            return t
+        slope, icpt = np.polyfit(gs, [self.t_step(batch, context, g) for g in gs], 1)
+        return float(icpt + slope * gamma)
+
     def t_step(self, batch: int, context: int, gamma: int) -> float:
         b = _positive_int("batch", batch)
         if b not in self.batches:
@@ -567,8 +583,10 @@ def choose_speculation(alphas: Mapping[int, float], timing: Timing, batch: int, 
     Without `steps` the prediction is `speedup_chain` from isolated forward times. With a
     `StepTiming` (whole steps measured at budget K0) it is E(γ, K) · T_AR / T_step(γ, K), where
     T_step(γ, K) = step_s(γ) + γ · (t_draft(K) − t_draft(K0)) (only the γ draft forwards change
-    with K) and E(γ, K) = `expected_tokens_chain(hists[K], γ)` when K's accepted-length
-    histogram is given, else Ω(γ, α(K)). Only the γ the step table measured are considered.
+    with K; step_s is the table's line over γ ≥ 1, `StepTiming.t_step_fit`, and with whole steps
+    timed at K the draft's change is the larger of theirs and the forwards') and
+    E(γ, K) = `expected_tokens_chain(hists[K], γ)` when K's accepted-length histogram is given,
+    else Ω(γ, α(K)). Only the γ the step table measured are considered.
 
     `tokens_per_row` (a static batch whose rows each decode that many tokens, as the runner's
     and the bench's batches do) replaces the mean tokens per step by the batch's,
@@ -602,17 +620,21 @@ def predict_by_steps(alpha: float, hist: Sequence[float] | None, timing: Timing,
                      tokens_per_row: int | None = None,
                      ) -> tuple[float, float, float, float]:  # fmt: skip
     """The step-timed prediction of `choose_speculation` for one (γ, K):
-    (speedup, T_step(γ, K), T_AR step, t_draft(K)). With `tokens_per_row`, E is the static
-    batch's tokens per step (`batch_tokens_per_step`), else the mean row's."""
+    (speedup, T_step(γ, K), T_AR step, t_draft(K)). T_step(γ, K) = `StepTiming.t_step_fit`(γ)
+    + γ·δ(K), δ(K) the draft step's cost change from the table's budget (see the code). With
+    `tokens_per_row`, E is the static batch's tokens per step (`batch_tokens_per_step`), else
+    the mean row's."""
     b, n, g, k = batch, context, gamma, budget
     t_ar = _time(f"step_s(batch={b}, context={n}, γ=0)", steps.t_step(b, n, 0))
     td0 = _time(f"t_draft(batch={b}, budget={min(steps.budget, n)})",
                 timing.t_draft(b, min(steps.budget, n)))  # fmt: skip
-    ts0 = _time(f"step_s(batch={b}, context={n}, γ={g})", steps.t_step(b, n, g))
+    ts0 = _time(f"step_s(batch={b}, context={n}, γ={g})", steps.t_step_fit(b, n, g))
     td = _time(f"t_draft(batch={b}, budget={min(k, n)})", timing.t_draft(b, min(k, n)))
-    # the draft's cost change from the reference budget: measured inside whole steps where the
-    # table has them, else from isolated forwards over K-slot caches
-    delta = steps.draft_delta(b, n, k) if steps.has_budget(k) else td - td0
+    # the draft's cost change from the reference budget: from isolated forwards over K-slot
+    # caches, and where the table has whole steps at K the larger of the two (the dearer draft:
+    # no saving that only one noisy measurement shows, e.g. 8K × 1 here timed γ = 4 at K = 256
+    # 91 ms below K = 512, where the isolated draft forwards differ by under 1 ms)
+    delta = max(steps.draft_delta(b, n, k), td - td0) if steps.has_budget(k) else td - td0
     ts = _time(f"the predicted step at γ={g}, budget {k}", ts0 + g * delta)
     hist = hist if hist is not None and len(hist) > g else None
     if tokens_per_row is not None:

@@ -387,6 +387,41 @@ def test_expected_tokens_chain_equals_enumeration():
         expected_tokens_chain([0, 0], 1)
 
 
+def fitted_steps(S: np.ndarray) -> np.ndarray:
+    """The step table through `StepTiming.t_step_fit`, computed directly: per (batch, context)
+    the least-squares line over γ ≥ 1 evaluated at each γ ≥ 1; γ = 0 (AR) as measured."""
+    g = np.asarray(STEP_GAMMAS[1:], float)
+    A = np.stack([np.ones_like(g), g], axis=1)
+    coef = np.linalg.lstsq(A, S[..., 1:].reshape(-1, len(g)).T, rcond=None)[0]  # [2, B·C]
+    fit = (A @ coef).T.reshape(S[..., 1:].shape)
+    return np.concatenate([S[..., :1], fit], axis=-1)
+
+
+def test_step_fit_is_exact_on_affine_steps_and_averages_noise():
+    """t_step_fit returns an affine table unchanged, leaves γ = 0 (AR) as measured, and moves a
+    single noisy γ only by its share of the least-squares line: a step 30% low at one γ comes
+    out within 10% of the affine truth there, where the raw table is 30% off."""
+    st = synthetic_steps(0)
+    S = np.asarray(st["step_s"])
+    g = np.asarray(STEP_GAMMAS, float)
+    affine = S[..., :1] * 1.3 + S[..., 1:2] * 0.4 * g  # a + b·γ per (batch, context), any γ
+    steps = StepTiming.from_table({**st, "step_s": affine.tolist()})
+    for (bi, b), (ci, c), gi in itertools.product(enumerate(BATCHES), enumerate(CONTEXTS),
+                                                  range(len(STEP_GAMMAS))):  # fmt: skip
+        assert steps.t_step_fit(b, c, STEP_GAMMAS[gi]) == pytest.approx(affine[bi, ci, gi])
+    noisy = affine.copy()
+    noisy[..., 2] *= 0.7
+    steps = StepTiming.from_table({**st, "step_s": noisy.tolist()})
+    fit = fitted_steps(noisy)
+    for (bi, b), (ci, c) in itertools.product(enumerate(BATCHES), enumerate(CONTEXTS)):
+        assert steps.t_step_fit(b, c, 0) == noisy[bi, ci, 0]
+        got = steps.t_step_fit(b, c, STEP_GAMMAS[2])
+        assert got == pytest.approx(fit[bi, ci, 2])
+        assert abs(got / affine[bi, ci, 2] - 1) < 0.1
+    one = {**st, "step_gammas": [0, 3], "step_s": S[..., [0, 3]].tolist()}
+    assert StepTiming.from_table(one).t_step_fit(1, 256, 3) == S[0, 0, 3]  # nothing to fit
+
+
 def _mc_batch_tokens_per_step(probs, tokens, batch, trials=20000, seed=0) -> float:
     """tokens / mean over trials of max over `batch` rows of the steps to emit `tokens`."""
     rng = np.random.default_rng(seed)
@@ -471,14 +506,15 @@ def test_chooser_with_a_static_batch_uses_the_slowest_rows_rate(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_step_chooser_is_argmax_of_brute_force(seed):
     """With a StepTiming the chooser maximises E(γ, K)·T_AR / (step(γ) + γ·(t_D(K) − t_D(K0)))
-    over the measured γ and K, computed here by direct indexing of both grids; E comes from
+    over the measured γ and K, computed here by direct indexing of both grids (step: the
+    table's least-squares line over γ ≥ 1, `fitted_steps`); E comes from
     the histogram where one is given (K = 256, 1024) and from Ω(γ, α) elsewhere. None exactly
     where the maximum is ≤ 1; every pick is > 1 and reproduced by predict_by_steps."""
     table, st = synthetic_table(seed), synthetic_steps(seed)
     timing, steps = MeasuredTiming.from_table(table), StepTiming.from_table(st)
     rng = np.random.default_rng(seed)
     hists = {k: rng.integers(1, 20, size=5).tolist() for k in (256, 1024)}
-    t, S = np.asarray(table["target_s"]), np.asarray(st["step_s"])
+    t, S = np.asarray(table["target_s"]), fitted_steps(np.asarray(st["step_s"]))
     outcomes = set()
     for b, c in itertools.product(BATCHES, CONTEXTS):
         bi, ci = BATCHES.index(b), CONTEXTS.index(c)
@@ -572,16 +608,17 @@ def test_bad_inputs_raise_config_error_naming_the_value():
 
 def test_step_chooser_uses_budget_steps_where_timed():
     """With the largest γ's whole steps timed at other budgets (`budget_step_s`), the predicted
-    step at (γ, K) is step(γ, K0) + γ·(T(γ_max, K) − T(γ_max, K0)) / γ_max, not the isolated
-    forwards' difference; budgets without timed steps keep the forward difference. Bad budget
-    tables are ConfigErrors naming the key."""
+    step at (γ, K) is step(γ, K0) + γ·max(δ_step, δ_forward): δ_step = (T(γ_max, K) −
+    T(γ_max, K0)) / γ_max measured inside whole steps, δ_forward the isolated forwards'
+    difference, the larger (dearer draft) taken; budgets without timed steps keep the forward
+    difference. Bad budget tables are ConfigErrors naming the key."""
     table, st = synthetic_table(0), synthetic_steps(0)
-    S = np.asarray(st["step_s"])
+    S = fitted_steps(np.asarray(st["step_s"]))
     ks = [256, 512]  # 1024 not timed: falls back to the forward table
     rng = np.random.default_rng(7)
-    bud = (
+    bud = (  # K = 256's step 0.5–1.1× K0's: its δ_step is sometimes below, sometimes above δ_fwd
         S[:, :, -1:]
-        * np.asarray([0.5, 1.0])[None, None, :]
+        * np.stack([rng.uniform(0.5, 1.1, size=S.shape[:2]), np.ones(S.shape[:2])], axis=-1)
         * np.exp(0.05 * rng.normal(size=(len(BATCHES), len(CONTEXTS), 2)))
     )
     bud[:, :, 1] = S[:, :, -1]  # the reference budget's column is the γ_max step itself
@@ -590,18 +627,22 @@ def test_step_chooser_uses_budget_steps_where_timed():
     t = np.asarray(table["target_s"])
     assert steps.has_budget(256) and steps.has_budget(512) and not steps.has_budget(1024)
     gm = STEP_GAMMAS[-1]
+    kinds = set()
     for b, c in itertools.product(BATCHES, CONTEXTS):
         bi, ci = BATCHES.index(b), CONTEXTS.index(c)
         delta = (bud[bi, ci, 0] - bud[bi, ci, 1]) / gm
         assert steps.draft_delta(b, c, 256) == pytest.approx(delta)
         assert steps.draft_delta(b, c, 512) == 0.0
+        td0 = t[bi, CONTEXTS.index(min(512, c)), 0]
+        fwd256 = t[bi, CONTEXTS.index(min(256, c)), 0] - td0
+        kinds.add(delta > fwd256)
         for g in STEP_GAMMAS[1:]:
             ts = predict_by_steps(ALPHAS[256], None, timing, steps, b, c, g, 256)[1]
-            assert ts == pytest.approx(S[bi, ci, g] + g * delta)
-            td0 = t[bi, CONTEXTS.index(min(512, c)), 0]
+            assert ts == pytest.approx(S[bi, ci, g] + g * max(delta, fwd256))
             fwd = S[bi, ci, g] + g * (t[bi, CONTEXTS.index(min(1024, c)), 0] - td0)
             ts = predict_by_steps(ALPHAS[1024], None, timing, steps, b, c, g, 1024)[1]
             assert ts == pytest.approx(fwd)
+    assert kinds == {True, False}  # both the step-measured and the forward δ were the larger
     with pytest.raises(ConfigError, match="no timed steps"):
         steps.draft_delta(1, 1024, 1024)
     with pytest.raises(ConfigError, match="must hold the step_budget"):
