@@ -25,8 +25,10 @@ i comes from book i mod #books, at offset `--skip` + (i div #books)·n tokens). 
      alone). Every configuration's tokens must equal AR's, row for row, or the run stops with
      an error.
   4. Predicted speedup of every configuration = E(γ, K) · T_step(0) / (T_step(γ) + γ·δ(K)),
+     T_step(γ ≥ 1) read through the least-squares line over γ (`StepTiming.t_step_fit`),
      δ(K) = (T_step(γ_max, K) − T_step(γ_max, K0)) / γ_max: one draft step's cost change from K0
-     to K, measured inside whole steps (`costmodel.predict_by_steps`; E from the accepted-length
+     to K, measured inside whole steps (or the isolated forwards' change where that is larger;
+     `costmodel.predict_by_steps`; E from the accepted-length
      histogram of step 2, as the tokens per step of a static batch of B rows that each decode
      `--max-new-tokens` − 1 tokens: the batch steps until its slowest row is done,
      `costmodel.batch_tokens_per_step`),
