@@ -526,9 +526,10 @@ def batch_tokens_per_step(probs: Sequence[float], tokens: int, batch: int) -> fl
         e_max += 1.0 - q[T] ** B  # P(max > s) for s = 0, 1, ..., T - 1
         nq = np.zeros(T + 1)
         nq[T] = q[T]
-        for k in range(1, p.size):
-            if p[k]:
-                np.add.at(nq, np.minimum(np.arange(T) + k, T), q[:T] * p[k])
+        for k in range(1, min(p.size, T + 1)):  # from t < T, k more tokens: t + k, capped at T
+            nq[k:T] += p[k] * q[: T - k]
+            nq[T] += p[k] * q[T - k : T].sum()
+        nq[T] += p[T + 1 :].sum() * q[:T].sum()  # steps of more than T tokens finish any row
         q = nq
     return float(T / e_max)
 
